@@ -1,0 +1,39 @@
+"""Entry point of the `appliance` command.
+
+Each package contributes its own commands; this module only gathers them and turns the errors a person can act
+on (`ApplianceError`) into plain messages and a non-zero exit instead of a traceback. Every option also reads an
+environment variable: `APPLIANCE_<COMMAND>_<OPTION>`, e.g. `APPLIANCE_SYNTH_SEED`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from appliance.quickstart import quickstart_command
+from engine.cli import inspect_command, synth_command
+from engine.errors import ApplianceError
+from server.policy_cli import policy_group
+
+
+class ApplianceGroup(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except ApplianceError as exc:
+            for problem in exc.problems:
+                click.echo(f"error: {problem}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=ApplianceGroup, context_settings={"auto_envvar_prefix": "APPLIANCE", "show_default": True})
+@click.version_option(package_name="safeguard-appliance")
+def main() -> None:
+    """Safeguard Appliance: gpt-oss-safeguard policy classification on your own hardware."""
+
+
+main.add_command(inspect_command)
+main.add_command(policy_group)
+main.add_command(quickstart_command)
+main.add_command(synth_command)
