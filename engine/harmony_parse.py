@@ -68,6 +68,12 @@ _CHANNEL_VALUE = re.compile(r"[^\s<]*")
 _REPLACEMENT = "\ufffd"
 # An incomplete UTF-8 character has at most 3 bytes, so it spans at most the last 3 tokens of a stream.
 _MAX_PARTIAL_TOKENS = 3
+_CLIP = 80
+
+
+def _clip(text: str) -> str:
+    """Model text quoted in an anomaly, cut short: a runaway header can run to thousands of tokens."""
+    return text if len(text) <= _CLIP else text[:_CLIP] + "…"
 
 
 def token_name(token: int) -> str:
@@ -156,7 +162,7 @@ def parse_header(text: str, role: str | None) -> Header:
         parts.pop(0)
     recipient, content_type = _recipient_and_type(parts)
     if parts:
-        problems.append(f"unexpected header text {' '.join(parts)!r}")
+        problems.append(f"unexpected header text {_clip(' '.join(parts))!r}")
     return Header(role, channel, recipient, content_type, "; ".join(problems) or None)
 
 
@@ -179,8 +185,8 @@ class _OpenMessage:
     header: Header
     start: int
     tokens: list[int] = field(default_factory=list)
-    emitted: list[str] = field(default_factory=list)  # content deltas already handed out
-    pending_from: int = 0  # tokens before this index are covered by `emitted`
+    emitted_chars: int = 0  # content text already handed out as deltas
+    pending_from: int = 0  # tokens before this index are covered by those deltas
 
 
 _HEADER, _CONTENT, _BETWEEN, _DONE = "header", "content", "between", "done"
@@ -209,7 +215,7 @@ class StreamParser:
 
     @property
     def state(self) -> str:
-        """"header", "content", "between" (after <|end|>) or "done" (after a stop token)."""
+        """One of header, content, between (after <|end|>) and done (after a stop token)."""
         return self._state
 
     @property
@@ -231,9 +237,7 @@ class StreamParser:
         ]
         self._closed_since_feed.clear()
         if self._open is not None:
-            text = self._stable_delta(self._open)
-            if text:
-                deltas.append(Delta(len(self._messages), self._open.header.channel, text))
+            deltas.append(Delta(len(self._messages), self._open.header.channel, self._stable_delta(self._open)))
         return [delta for delta in deltas if delta.text]
 
     def finish(self) -> ParsedCompletion:
@@ -243,9 +247,8 @@ class StreamParser:
         if self._open is not None:
             messages.append(self._message(self._open, None, self._count, anomalies))
         elif self._state == _HEADER and (self._header or not self._first):
-            anomalies.append(Anomaly(UNCLOSED_HEADER, self._header_start,
-                                     f"header {self._header_text(self._header, anomalies)!r} never reached "
-                                     "<|message|>"))
+            text = _clip(self._header_text(self._header, anomalies))
+            anomalies.append(Anomaly(UNCLOSED_HEADER, self._header_start, f"header {text!r} never reached <|message|>"))
         return ParsedCompletion(tuple(messages), tuple(anomalies), self._stop_token, tuple(self._trailing),
                                 self._count)
 
@@ -296,7 +299,7 @@ class StreamParser:
         elif token == MESSAGE:
             self._open_message(index)
         elif token in (START, END, RETURN, CALL):
-            text = self._header_text(self._header, self._anomalies)
+            text = _clip(self._header_text(self._header, self._anomalies))
             self._anomalies.append(Anomaly(UNCLOSED_HEADER, index,
                                            f"header {text!r} ended by {TOKEN_NAMES[token]} before <|message|>"))
             if token == START:
@@ -338,9 +341,8 @@ class StreamParser:
         self._state = _CONTENT
 
     def _close(self, terminator: str, end: int) -> None:
-        emitted = sum(len(text) for text in self._open.emitted)
         self._messages.append(self._message(self._open, terminator, end, self._anomalies))
-        self._closed_since_feed.append((len(self._messages) - 1, emitted))
+        self._closed_since_feed.append((len(self._messages) - 1, self._open.emitted_chars))
         self._open = None
 
     def _message(self, open_message: _OpenMessage, terminator: str | None, end: int,
@@ -367,8 +369,7 @@ class StreamParser:
                     text, keep = prefix, cut
                     break
         open_message.pending_from = len(open_message.tokens) - keep
-        if text:
-            open_message.emitted.append(text)
+        open_message.emitted_chars += len(text)
         return text
 
     def _header_text(self, items: list[int | str], anomalies: list[Anomaly]) -> str:

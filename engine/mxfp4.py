@@ -50,7 +50,7 @@ _TABLE = _build_table()
 def _check_blocks(blocks: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     blocks = np.asarray(blocks, dtype=np.uint8)
     scales = np.asarray(scales, dtype=np.uint8)
-    if blocks.ndim < 2 or blocks.shape[:-1] != scales.shape or blocks.shape[-1] != BLOCK_BYTES:
+    if blocks.shape[:-1] != scales.shape or blocks.shape[-1:] != (BLOCK_BYTES,):
         raise ValueError(f"blocks {blocks.shape} and scales {scales.shape} do not form MXFP4 blocks")
     return blocks, scales
 
@@ -69,7 +69,8 @@ def dequantize(blocks: np.ndarray, scales: np.ndarray, *, out: np.ndarray | None
     `out`, if given, must be C-contiguous; reusing one buffer spares the page faults of a fresh allocation.
     """
     blocks, scales = _check_blocks(blocks, scales)
-    out = _output(out, (*blocks.shape[:-2], blocks.shape[-2] * BLOCK))
+    groups = blocks.shape[-2] if blocks.ndim > 1 else 1  # a lone [16] block with a scalar scale gives [32]
+    out = _output(out, (*blocks.shape[:-2], groups * BLOCK))
     if not out.flags.c_contiguous:
         raise ValueError("out must be C-contiguous")
     flat_blocks = blocks.reshape(-1, BLOCK_BYTES)

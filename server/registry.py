@@ -235,7 +235,8 @@ def _event(conn: sqlite3.Connection, event_id: int) -> _Event:
 def _by_seq(conn: sqlite3.Connection, policy_id: str, seq: int) -> VersionInfo:
     found = _version_where(conn, "policy_id = ? AND seq = ?", (policy_id, seq))
     if found is None:  # the foreign key makes this unreachable unless the file was edited by hand
-        raise RegistryError(f"policy {policy_id}: activation names missing version #{seq}; run a registry check")
+        raise RegistryError(f"policy {policy_id}: activation names missing version #{seq}; "
+                            "the file was changed outside the appliance (`appliance policy check` lists the damage)")
     return found
 
 
@@ -258,6 +259,11 @@ def _activate(conn: sqlite3.Connection, target: VersionInfo, actor: str | None) 
         return ActivationResult(target, previous, changed=False)
     _record_activation(conn, target, "activate", actor, None if current is None else current.id)
     return ActivationResult(target, previous, changed=True)
+
+
+def _summary(conn: sqlite3.Connection, policy_id: str) -> PolicySummary:
+    versions = _versions(conn, policy_id)
+    return PolicySummary(policy_id, len(versions), versions[-1], _active(conn, policy_id))
 
 
 def _insert_version(conn: sqlite3.Connection, policy: Policy) -> VersionInfo:
@@ -474,16 +480,6 @@ class Registry:
         return StoredPolicy(info, parse_policy(text, source=f"{policy_id}@{info.version}"),
                             active=active is not None and active.seq == info.seq)
 
-    def list(self) -> list[PolicySummary]:
-        """Every policy, by id, with its active version (None when none was ever activated)."""
-        with self._read() as conn:
-            return [self._summary(conn, policy_id) for policy_id in _known_policies(conn)]
-
-    @staticmethod
-    def _summary(conn: sqlite3.Connection, policy_id: str) -> PolicySummary:
-        versions = _versions(conn, policy_id)
-        return PolicySummary(policy_id, len(versions), versions[-1], _active(conn, policy_id))
-
     def history(self, policy_id: str) -> PolicyHistory:
         """All versions of a policy and every activation and rollback, oldest first."""
         with self._read() as conn:
@@ -513,3 +509,9 @@ class Registry:
                          for row in conn.execute("PRAGMA foreign_key_check")]
             rows = conn.execute("SELECT policy_id, version, sha256, text FROM versions").fetchall()
         return problems + [problem for row in rows if (problem := _stored_text_problem(row))]
+
+    # Last in the class on purpose: below this name, `list` in annotations would mean the method, not the builtin.
+    def list(self) -> list[PolicySummary]:
+        """Every policy, by id, with its active version (None when none was ever activated)."""
+        with self._read() as conn:
+            return [_summary(conn, policy_id) for policy_id in _known_policies(conn)]

@@ -60,6 +60,7 @@ _BINARY = re.compile(r"\s*([01])\.?\s*")
 _FENCED = re.compile(r"```(?:json)?\s*(.*?)\s*```", re.DOTALL | re.IGNORECASE)
 # Details quote model text; keep them short enough for a log line or an API field.
 _QUOTE_LIMIT = 80
+_FEW = 4
 _MISSING = object()
 
 
@@ -117,7 +118,7 @@ def _verdict(parsed: ParsedCompletion, output: OutputSpec, finish_reason: str) -
     extras = _extras(parsed, final)
     status = EXTRA_MESSAGES if extras else OK
     return Verdict(status, answer.violation, answer.category, answer.rule_ids, answer.confidence, answer.rationale,
-                   analysis, text, "; ".join(extras))
+                   analysis, text, _first_few(extras, "; "))
 
 
 def _is_assistant(message: Message, channel: str) -> bool:
@@ -127,8 +128,7 @@ def _is_assistant(message: Message, channel: str) -> bool:
 def _missing_final_detail(parsed: ParsedCompletion) -> str:
     if not parsed.messages:
         return "the completion holds no message"
-    seen = ", ".join(_describe(m) for m in parsed.messages)
-    return f"no final message; got {seen}"
+    return f"no final message; got {_first_few([_describe(m) for m in parsed.messages], ', ')}"
 
 
 def _describe(message: Message) -> str:
@@ -268,6 +268,14 @@ def _rationale(obj: dict[str, Any], asked: bool) -> str | None:
     if asked:
         raise _Malformed(f"\"rationale\" must be a string or a list of strings, got {_show(value)}")
     return None
+
+
+def _first_few(phrases: list[str], separator: str) -> str:
+    """Join phrases for a detail line, repeats counted and only the first few named: a runaway completion can
+    produce thousands."""
+    counted = [f"{phrase} (x{count})" if count > 1 else phrase for phrase, count in Counter(phrases).items()]
+    shown = separator.join(counted[:_FEW])
+    return f"{shown}{separator}and {len(counted) - _FEW} more" if len(counted) > _FEW else shown
 
 
 def _show(value: Any) -> str:

@@ -160,6 +160,8 @@ def test_header_still_open_at_the_end(encoding: HarmonyEncoding) -> None:
     parsed = parse_completion(build(encoding, CHANNEL, "analysis", MESSAGE, "a", END, START), encoding.decode)
     assert kinds(parsed) == [UNCLOSED_HEADER] and len(parsed.messages) == 1
     assert parse_completion([], encoding.decode) == ParsedCompletion((), (), None, (), 0)
+    runaway = parse_completion(build(encoding, CHANNEL, "analysis " + "word " * 2000), encoding.decode)
+    assert kinds(runaway) == [UNCLOSED_HEADER] and len(runaway.anomalies[0].detail) < 150
 
 
 def test_stray_tokens_between_messages(encoding: HarmonyEncoding) -> None:

@@ -81,6 +81,7 @@ def check_contract(verdict: Verdict) -> None:
     assert "internal error" not in verdict.detail
     assert (verdict.violation is not None) == (verdict.status in (OK, EXTRA_MESSAGES))
     assert (verdict.detail == "") == (verdict.status == OK)
+    assert len(verdict.detail) < 1000
 
 
 # Binary format.
@@ -283,6 +284,20 @@ def test_extra_messages_still_carry_the_verdict(encoding: HarmonyEncoding, token
     assert (verdict.status, verdict.violation) == (EXTRA_MESSAGES, violation)
     assert phrase in verdict.detail
     check_contract(verdict)
+
+
+def test_runaway_completions_keep_the_detail_short(encoding: HarmonyEncoding) -> None:
+    chatter = (START, "assistant", CHANNEL, "commentary", MESSAGE, "x", END) * 50
+    extra = verdict_of(encoding, build(encoding, CHANNEL, "analysis", MESSAGE, "a", END, *chatter, *_final("1"),
+                                       RETURN))
+    assert extra.status == EXTRA_MESSAGES
+    assert extra.detail == "assistant/commentary message before the final one (x50)"
+    noisy = (CHANNEL, "analysis", MESSAGE, "a", END, *(START, -1, END) * 30, *_final("1"), RETURN)
+    assert verdict_of(encoding, build(encoding, *noisy)).detail.endswith("(and 59 more)")
+    missing = verdict_of(encoding, build(encoding, CHANNEL, "commentary " + "word " * 500, END, *chatter))
+    assert missing.status == MISSING_FINAL and missing.detail == "no final message; got assistant/commentary (x50)"
+    check_contract(extra)
+    check_contract(missing)
 
 
 def test_endoftext_padding_after_the_stop_token_is_ignored(encoding: HarmonyEncoding) -> None:
