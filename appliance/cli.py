@@ -14,6 +14,7 @@ import click
 from appliance.quickstart import quickstart_command
 from engine.cli import inspect_command, synth_command
 from engine.errors import ApplianceError
+from server.audit_cli import audit_group
 from server.policy_cli import policy_group
 
 
@@ -33,6 +34,7 @@ def main() -> None:
     """Safeguard Appliance: gpt-oss-safeguard policy classification on your own hardware."""
 
 
+main.add_command(audit_group)
 main.add_command(inspect_command)
 main.add_command(policy_group)
 main.add_command(quickstart_command)

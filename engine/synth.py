@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -90,13 +91,30 @@ def tensor_chunks(spec: TensorSpec, seed: int) -> Iterator[np.ndarray]:
             yield _random_bf16(rng, n)
 
 
+def _given_chunks(weights: Mapping[str, np.ndarray], spec: TensorSpec) -> Iterator[np.ndarray]:
+    value = weights[spec.name]
+    if value.shape != spec.shape or value.nbytes != spec.nbytes:
+        raise ValueError(f"{spec.name}: given {value.dtype}{list(value.shape)}, the layout needs "
+                         f"{spec.dtype}{list(spec.shape)}")
+    yield value
+
+
 def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def synthesize(preset: str, out: str | Path, *, seed: int = 0, layers: int | None = None,
-               max_shard_bytes: int | None = None, tokenizer: bool = True) -> SynthResult:
-    """Write a synthetic checkpoint of `preset` into `out` (created if needed)."""
+               max_shard_bytes: int | None = None, tokenizer: bool = True, train: bool = True,
+               weights: Mapping[str, np.ndarray] | None = None) -> SynthResult:
+    """Write a synthetic checkpoint of `preset` into `out` (created if needed).
+
+    For "smoke", `train` writes the trained smoke model (engine.smoke_model: a fixture and demo, not a classifier;
+    trained once per seed, then cached) instead of random weights. `weights` supplies every tensor's contents.
+    """
+    if weights is None and train and preset == "smoke":
+        from engine.smoke_model import trained_weights
+
+        weights = trained_weights(seed=seed, layers=layers)
     raw = preset_dict(preset, layers=layers)
     cfg = parse_config(raw, source=f"preset {preset}")
     out = Path(out)
@@ -107,10 +125,14 @@ def synthesize(preset: str, out: str | Path, *, seed: int = 0, layers: int | Non
     names = [shard_name(i, len(plan)) for i in range(len(plan))]
     # Real shards carry {"format": "pt"}; the extra key marks the weights as random for anyone who looks.
     metadata = {"format": "pt", "synthetic": f"safeguard-appliance preset={preset} seed={seed}"}
+    chunks: Callable[[TensorSpec], Iterator[np.ndarray]] = partial(tensor_chunks, seed=seed)
+    if weights is not None:
+        metadata["synthetic"] += " trained"
+        chunks = partial(_given_chunks, weights)
     for name, shard in zip(names, plan, strict=True):
         with ShardWriter(out / name, [(s.name, s.dtype, s.shape) for s in shard], metadata) as writer:
             for spec in shard:
-                for chunk in tensor_chunks(spec, seed):
+                for chunk in chunks(spec):
                     writer.write(chunk)
     total = sum(s.nbytes for s in specs)
     if len(plan) > 1:

@@ -46,6 +46,8 @@ def test_nibble_order_and_scale_semantics():
     values = bf16.to_float32(mxfp4.dequantize(blocks, scales))[0]
     assert values[:4].tolist() == [2.0, 12.0, -1.0, -12.0]
     assert not values[4:].any()
+    lone = mxfp4.dequantize(blocks[0, 0], scales[0, 0])  # one [16] block with a scalar scale
+    assert lone.shape == (32,) and np.array_equal(lone, mxfp4.dequantize(blocks, scales)[0])
 
 
 def test_out_buffers_are_filled_in_place_and_checked():

@@ -1,0 +1,1 @@
+"""`appliance build` (Triton model repositories) and the container recipes."""

@@ -1,0 +1,447 @@
+"""The trained smoke model: a tiny gpt-oss that answers one demo policy in well-formed harmony.
+
+A fixture and demo, not a classifier. The "smoke" preset (2 layers, hidden 64, 4 experts, the real 201,088-token
+vocabulary) is trained on the CPU, in a minute or two, to answer `policies/smoke.md` ("does the content mention
+bananas?") with a short analysis message and then a JSON verdict. It knows nothing else: its only purpose is that the
+quickstart and the end-to-end tests see real, parseable verdicts from the real prompt renderer, parser and checkpoint
+layout, where random weights could only produce parse failures.
+
+Training data is generated from word lists drawn from the vocabulary itself, with a fixed seed; the policy's golden
+set (`policies/smoke.golden.jsonl`) is never trained on and serves as the held-out check. Prompts are rendered by
+`PromptRenderer` exactly as in serving, and the loss covers the completion tokens only. The logits are computed for
+those positions alone: the 201,088-wide output layer is almost all of the cost, and the prompt's own tokens need no
+prediction.
+
+The result is written in the published layout (BF16 tensors, MXFP4 experts). MXFP4 rounds the expert weights, so the
+last phase of training holds the experts at their quantized values and lets the rest of the model adapt to them;
+what is cached is exactly what gets served.
+
+Determinism: one seed gives the same bytes on one machine (same torch build, same CPU): torch is seeded, the data
+order is fixed, the thread count is pinned and deterministic algorithms are enforced. Across CPUs with different
+vector units, float summation order may differ, so bitwise equality across machines is not promised; the verdicts
+are the same in practice.
+
+The trained checkpoint is cached under `<cache>/models/smoke-trained-<key>`; the key covers the seed, the depth,
+this module's source and the policy text, so any change to either retrains.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+import shutil
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from engine import bf16, mxfp4
+from engine.config import preset_dict
+from engine.harmony_parse import CHANNEL, END, MESSAGE, RETURN, START
+from engine.prompt import Chat, Content, PromptRenderer, PromptResponse, Text, Turn
+from engine.safetensors_io import read_header, read_tensor
+from engine.vocab import default_cache_dir, load_harmony_encoding
+
+if TYPE_CHECKING:
+    import torch
+    from openai_harmony import HarmonyEncoding
+
+POLICY_FILE = Path(__file__).resolve().parents[1] / "policies" / "smoke.md"
+DISCLAIMER = "a fixture and demo, not a classifier"
+ASSISTANT = 173781  # "assistant": one ordinary token
+ANALYSIS = {
+    True: "The content mentions banana, so BN1.a applies.",
+    False: "The content does not mention banana.",
+}
+FINAL = {
+    True: '{"violation": 1, "policy_category": "BN1", "rule_ids": ["BN1.a"]}',
+    False: '{"violation": 0, "policy_category": null, "rule_ids": []}',
+}
+KEYWORDS = ("banana", "bananas")
+# Words that share tokens or meaning with the keyword: trained on as negatives so the rule is the word itself.
+LOOKALIKES = (
+    "bandana", "bandanas", "ban", "banned", "band", "banner", "nana", "Nana", "Anna", "Bangalore", "Ghana",
+    "Havana", "cabana", "plantain", "mango", "apple", "papaya", "yellow", "peel", "fruit", "smoothie", "split",
+)
+PAD = 199999  # <|endoftext|>, the checkpoint's pad token
+_WORD = re.compile(r" [a-z]{2,12}")
+_NAME = re.compile(r" [A-Z][a-z]{2,12}")
+_WORD_RANKS = 60_000  # the most frequent BPE tokens: common words in many languages
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0
+    layers: int | None = None  # None: the preset's depth
+    steps: int = 320
+    batch_size: int = 16
+    lr: float = 4e-3
+    warmup: int = 20
+    quantized_steps: int = 60  # the last steps, with the experts held at their MXFP4 values
+    threads: int = 2
+
+
+@dataclass(frozen=True)
+class Example:
+    content: Content
+    violation: bool
+
+
+def disclaimer_line() -> str:
+    return f"smoke model: {DISCLAIMER}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training data
+
+
+@dataclass(frozen=True)
+class WordLists:
+    words: tuple[str, ...]  # lowercase, each with its leading space
+    names: tuple[str, ...]  # capitalised
+
+
+def word_lists(encoding: HarmonyEncoding) -> WordLists:
+    """Common words and names, read off the vocabulary so no word list has to ship with the appliance."""
+    words: list[str] = []
+    names: list[str] = []
+    for rank in range(_WORD_RANKS):
+        text = encoding.decode([rank])
+        if "banan" in text.lower():
+            continue
+        if _WORD.fullmatch(text):
+            words.append(text)
+        elif _NAME.fullmatch(text):
+            names.append(text)
+    return WordLists(tuple(words), tuple(names))
+
+
+def _sentence(rng: random.Random, lists: WordLists, keyword: str | None) -> str:
+    count = rng.randint(3, 12)
+    words = [rng.choice(lists.names) if rng.random() < 0.1 else rng.choice(lists.words) for _ in range(count)]
+    if rng.random() < 0.3:
+        words[rng.randrange(count)] = " " + rng.choice(LOOKALIKES)
+    if keyword is not None:
+        at = rng.randrange(count)
+        words[at] = f" '{keyword}'" if rng.random() < 0.05 else " " + keyword
+    first = words[0].lstrip(" ")
+    words[0] = first[0].upper() + first[1:]
+    return "".join(words) + rng.choice((".", ".", ".", "?", "!", ","))
+
+
+def _passage(rng: random.Random, lists: WordLists, keyword: str | None) -> str:
+    count = rng.randint(1, 3)
+    hit = rng.randrange(count) if keyword is not None else -1
+    return " ".join(_sentence(rng, lists, keyword if i == hit else None) for i in range(count))
+
+
+def make_example(rng: random.Random, lists: WordLists) -> Example:
+    """One random item of any content kind; half of them carry the keyword, in one randomly chosen part."""
+    violation = rng.random() < 0.5
+    keyword = rng.choice(KEYWORDS) if violation else None
+    kind = rng.choice(("text", "pair", "chat"))
+    parts = {"text": 1, "pair": 2, "chat": rng.randint(2, 5)}[kind]
+    hit = rng.randrange(parts)
+    texts = [_passage(rng, lists, keyword if i == hit else None) for i in range(parts)]
+    if kind == "text":
+        return Example(Text(texts[0]), violation)
+    if kind == "pair":
+        return Example(PromptResponse(texts[0], texts[1]), violation)
+    roles = ("user", "assistant")
+    return Example(Chat(tuple(Turn(roles[i % 2], t) for i, t in enumerate(texts))), violation)
+
+
+def completion_ids(encoding: HarmonyEncoding, violation: bool) -> list[int]:
+    """The target: analysis, then the final verdict, in harmony; the prompt already ends with `<|start|>assistant`."""
+    def text(s: str) -> list[int]:
+        return encoding.encode(s, disallowed_special=())
+
+    return [CHANNEL, *text("analysis"), MESSAGE, *text(ANALYSIS[violation]), END, START, ASSISTANT, CHANNEL,
+            *text("final"), MESSAGE, *text(FINAL[violation]), RETURN]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training
+
+
+def _model_config(layers: int | None) -> dict:
+    raw = preset_dict("smoke", layers=layers)
+    raw.pop("quantization_config")  # trained in float; quantized when written
+    return raw
+
+
+def build_model(layers: int | None) -> torch.nn.Module:
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    config = GptOssConfig(**_model_config(layers))
+    config._attn_implementation = "eager"  # gpt-oss's attention sinks need the eager kernel
+    return GptOssForCausalLM(config)
+
+
+@dataclass(frozen=True)
+class Batch:
+    input_ids: torch.Tensor  # [B, T], right-padded
+    attention_mask: torch.Tensor  # [B, T]
+    rows: torch.Tensor  # [N] batch index of each predicted position
+    cols: torch.Tensor  # [N] position whose hidden state predicts the next token
+    targets: torch.Tensor  # [N]
+
+
+def make_batch(prompts: list[list[int]], completions: list[list[int]]) -> Batch:
+    import torch
+
+    seqs = [p + c for p, c in zip(prompts, completions, strict=True)]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), PAD, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    rows, cols, targets = [], [], []
+    for b, (prompt, seq) in enumerate(zip(prompts, seqs, strict=True)):
+        ids[b, :len(seq)] = torch.tensor(seq)
+        mask[b, :len(seq)] = 1
+        for at in range(len(prompt), len(seq)):
+            rows.append(b)
+            cols.append(at - 1)
+            targets.append(seq[at])
+    return Batch(ids, mask, torch.tensor(rows), torch.tensor(cols), torch.tensor(targets))
+
+
+def batch_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    import torch.nn.functional as F
+
+    hidden = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    logits = model.lm_head(hidden[batch.rows, batch.cols])
+    return F.cross_entropy(logits.float(), batch.targets)
+
+
+def _quantize_experts_(model: torch.nn.Module) -> None:
+    """Replace the expert weights by their MXFP4 values and freeze them."""
+    import torch
+
+    for name, param in model.named_parameters():
+        if name.endswith(("gate_up_proj", "down_proj")):
+            with torch.no_grad():
+                param.copy_(torch.from_numpy(_mxfp4_roundtrip(param.detach().numpy())))
+            param.requires_grad_(False)
+
+
+def _mxfp4_roundtrip(weight: np.ndarray) -> np.ndarray:
+    """[E, in, out] parameter -> the same after MXFP4 quantization along `in`, as a loaded checkpoint has it."""
+    blocks, scales = mxfp4.quantize(weight.transpose(0, 2, 1))
+    return bf16.to_float32(mxfp4.dequantize(blocks, scales)).transpose(0, 2, 1).copy()
+
+
+def train(config: TrainConfig, log: bool = False) -> dict[str, np.ndarray]:
+    """Train the smoke model; returns its checkpoint tensors (BF16 bits as uint16, MXFP4 as uint8) by name."""
+    import torch
+
+    threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(config.threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        return _train(config, log)
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def _train(config: TrainConfig, log: bool) -> dict[str, np.ndarray]:
+    import torch
+
+    from server.policy import load_policy
+
+    started = time.perf_counter()
+    torch.manual_seed(config.seed)
+    encoding = load_harmony_encoding()
+    policy = load_policy(POLICY_FILE)
+    renderer = PromptRenderer(encoding, model_fingerprint="smoke-training")
+    prefix = renderer.prefix(policy.body, policy.reasoning_effort)
+    lists = word_lists(encoding)
+    rng = random.Random(config.seed)
+    targets = {v: completion_ids(encoding, v) for v in (False, True)}
+
+    model = build_model(config.layers)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.98), weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config))
+    for step in range(config.steps):
+        if step == config.steps - config.quantized_steps:
+            _quantize_experts_(model)
+        examples = [make_example(rng, lists) for _ in range(config.batch_size)]
+        batch = make_batch([renderer.render(prefix, e.content).ids for e in examples],
+                           [targets[e.violation] for e in examples])
+        loss = batch_loss(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        if log and (step % 20 == 0 or step == config.steps - 1):
+            print(f"step {step:4d} loss {loss.item():.4f} {time.perf_counter() - started:6.1f} s", flush=True)
+    if config.quantized_steps == 0:
+        _quantize_experts_(model)
+    return checkpoint_tensors(model)
+
+
+def _lr_factor(step: int, config: TrainConfig) -> float:
+    if step < config.warmup:
+        return (step + 1) / config.warmup
+    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+    return 0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * progress))
+
+
+def checkpoint_tensors(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    """The model's parameters in the published layout: experts as MXFP4 of W [out, in], the rest BF16."""
+    tensors: dict[str, np.ndarray] = {}
+    for name, param in model.state_dict().items():
+        value = param.detach().float().numpy()
+        if name.endswith(("gate_up_proj", "down_proj")):
+            blocks, scales = mxfp4.quantize(value.transpose(0, 2, 1))
+            tensors[name + "_blocks"], tensors[name + "_scales"] = blocks, scales
+        else:
+            tensors[name] = bf16.from_float32(value)
+    return tensors
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cache
+
+
+def cache_key(seed: int, layers: int | None) -> str:
+    """Changes whenever the trained bytes could: seed, depth, this module's source, the policy file."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"seed": seed, "layers": layers}, sort_keys=True).encode())
+    digest.update(Path(__file__).read_bytes())
+    digest.update(POLICY_FILE.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def cached_dir(seed: int = 0, layers: int | None = None, cache_dir: Path | None = None) -> Path:
+    root = cache_dir if cache_dir is not None else default_cache_dir()
+    return root / "models" / f"smoke-trained-{cache_key(seed, layers)}"
+
+
+def ensure_trained(seed: int = 0, layers: int | None = None, cache_dir: Path | None = None) -> Path:
+    """The cached trained checkpoint, trained and written first if it is not there yet."""
+    from engine.synth import synthesize
+
+    target = cached_dir(seed, layers, cache_dir)
+    if (target / "config.json").is_file():
+        return target
+    for stale in target.parent.glob("smoke-trained-*"):  # an older training run: superseded by this key
+        if stale != target:
+            shutil.rmtree(stale, ignore_errors=True)
+    weights = train(TrainConfig(seed=seed, layers=layers))
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    synthesize("smoke", partial, seed=seed, layers=layers, weights=weights)
+    partial.rename(target)
+    return target
+
+
+def trained_weights(seed: int = 0, layers: int | None = None, cache_dir: Path | None = None) -> dict[str, np.ndarray]:
+    """The trained tensors by name, from the cache (training once if needed)."""
+    return dict(_read_checkpoint(ensure_trained(seed, layers, cache_dir)))
+
+
+def _read_checkpoint(path: Path) -> Iterator[tuple[str, np.ndarray]]:
+    for shard in sorted(path.glob("*.safetensors")):
+        header = read_header(shard)
+        for name, entry in header.tensors.items():
+            yield name, read_tensor(entry, shard)
+
+
+def weights_digest(weights: Mapping[str, np.ndarray]) -> str:
+    """One sha256 over every tensor's name and bytes, for determinism checks."""
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        digest.update(name.encode() + b"\x00" + np.ascontiguousarray(weights[name]).tobytes())
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation on the held-out golden set
+
+
+@dataclass(frozen=True)
+class GoldenItem:
+    id: str
+    content: Content
+    violation: bool
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    total: int
+    ok: int  # verdicts that parse with status ok
+    follows_rule: int  # verdicts (of any status) whose violation equals the golden label
+    failures: tuple[str, ...]  # "<id>: <status> <violation> <detail>" for every miss
+
+    @property
+    def ok_rate(self) -> float:
+        return self.ok / self.total
+
+    @property
+    def rule_rate(self) -> float:
+        return self.follows_rule / self.total
+
+    def summary(self) -> str:
+        return (f"smoke model ({DISCLAIMER}): {self.ok}/{self.total} ok ({self.ok_rate:.0%}), "
+                f"{self.follows_rule}/{self.total} follow the rule ({self.rule_rate:.0%})")
+
+
+def golden_items(path: Path | None = None) -> list[GoldenItem]:
+    path = path or POLICY_FILE.with_name("smoke.golden.jsonl")
+    items = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            raw = json.loads(line)
+            items.append(GoldenItem(raw["id"], _content(raw["kind"], raw["content"]), bool(raw["violation"])))
+    return items
+
+
+def _content(kind: str, raw: object) -> Content:
+    if kind == "text":
+        return Text(raw)
+    if kind == "prompt_response":
+        return PromptResponse(raw["prompt"], raw["response"])
+    return Chat(tuple(Turn(t["role"], t["content"]) for t in raw))
+
+
+def evaluate(model_dir: Path, max_new_tokens: int = 64) -> Evaluation:
+    """Greedy-decode every golden item with transformers, as served, and read the verdicts."""
+    import torch
+    from transformers import AutoModelForCausalLM, Mxfp4Config
+
+    from engine.harmony_parse import parse_completion
+    from engine.prompt import STOP_TOKEN_IDS
+    from server.policy import load_policy
+    from server.verdict import OK, parse_verdict
+
+    encoding = load_harmony_encoding(model_dir)
+    policy = load_policy(POLICY_FILE)
+    renderer = PromptRenderer(encoding, model_fingerprint="smoke-eval")
+    prefix = renderer.prefix(policy.body, policy.reasoning_effort)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=Mxfp4Config(dequantize=True),
+                                                 dtype=torch.bfloat16)
+    ok = follows = 0
+    failures: list[str] = []
+    for item in golden_items():
+        prompt = renderer.render(prefix, item.content).ids
+        with torch.no_grad():
+            out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
+                                 eos_token_id=list(STOP_TOKEN_IDS), pad_token_id=PAD)
+        completion = out[0, len(prompt):].tolist()
+        finish = "stop" if completion and completion[-1] in STOP_TOKEN_IDS else "length"
+        verdict = parse_verdict(parse_completion(completion, encoding.decode), policy.output, finish)
+        ok += verdict.status == OK
+        follows += verdict.violation == item.violation
+        if verdict.status != OK or verdict.violation != item.violation:
+            failures.append(f"{item.id}: {verdict.status} violation={verdict.violation} {verdict.detail} "
+                            f"{encoding.decode(completion)!r}")
+    return Evaluation(len(golden_items()), ok, follows, tuple(failures))

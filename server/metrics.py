@@ -1,0 +1,121 @@
+"""Prometheus metrics of the front end, served on their own HTTP port (loopback by default).
+
+Conventions follow Prometheus and vLLM: token figures are counters, so `rate(cached_prompt_tokens_total) /
+rate(prompt_tokens_total)` is the prefix-cache hit rate (vLLM's `prefix_cache_hits` / `prefix_cache_queries`);
+latencies are histograms in seconds. The `policy` label is a registered policy id, `inline` for inline policies,
+or `unknown` when the request never resolved one: a client must not be able to mint label values, or a typo
+loop would grow the series without bound. Each front end owns its `CollectorRegistry`, so several can live in
+one process (the tests do).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+INLINE = "inline"
+UNKNOWN = "unknown"
+# 1 ms to 2 min: a cached binary verdict on a GPU takes milliseconds, a high-effort one on a CPU a minute.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What one finished classification contributes, in the units the metrics use."""
+
+    policy: str
+    queue_s: float
+    time_to_first_token_s: float | None
+    time_to_verdict_s: float | None
+    total_s: float
+    prompt_tokens: int
+    cached_prompt_tokens: int
+    reasoning_tokens: int
+    output_tokens: int
+    parse_status: str
+    violation: bool | None
+    category: str | None
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("safeguard_requests", "Classifications by policy and outcome (ok, or the lowercase "
+                                "gRPC status code that ended them)", ["policy", "outcome"], registry=r)
+        self.queue = Histogram("safeguard_queue_seconds", "Arrival until the prompt was sent to Triton", ["policy"],
+                               buckets=LATENCY_BUCKETS, registry=r)
+        self.first_token = Histogram("safeguard_time_to_first_token_seconds", "Arrival until the first generated "
+                                     "token", ["policy"], buckets=LATENCY_BUCKETS, registry=r)
+        self.verdict = Histogram("safeguard_time_to_verdict_seconds", "Arrival until the final answer was complete",
+                                 ["policy"], buckets=LATENCY_BUCKETS, registry=r)
+        self.total = Histogram("safeguard_request_duration_seconds", "Arrival until the result was ready",
+                               ["policy"], buckets=LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("safeguard_prompt_tokens", "Prompt tokens sent to the model", ["policy"],
+                                     registry=r)
+        self.cached_tokens = Counter("safeguard_cached_prompt_tokens", "Prompt tokens served from the prefix cache",
+                                     ["policy"], registry=r)
+        self.reasoning_tokens = Counter("safeguard_reasoning_tokens", "Generated tokens of the analysis channel",
+                                        ["policy"], registry=r)
+        self.output_tokens = Counter("safeguard_output_tokens", "Generated tokens, reasoning included", ["policy"],
+                                     registry=r)
+        self.verdicts = Counter("safeguard_verdicts", "Verdicts read, by violation and policy category",
+                                ["policy", "violation", "category"], registry=r)
+        self.parse_failures = Counter("safeguard_parse_failures", "Completions whose verdict could not be read "
+                                      "cleanly, by parse status", ["policy", "status"], registry=r)
+        self.in_flight = Gauge("safeguard_requests_in_flight", "Prompts being classified now", registry=r)
+        self.endpoint_healthy = Gauge("safeguard_endpoint_healthy", "1 when the Triton endpoint answers readiness "
+                                      "probes", ["endpoint"], registry=r)
+        self.endpoint_failures = Counter("safeguard_endpoint_failures", "Requests that failed because a Triton "
+                                         "endpoint was unreachable or died mid-stream", ["endpoint"], registry=r)
+        self.warmups = Counter("safeguard_prefix_warmups", "Prefill-only requests that warm a policy prefix, by "
+                               "outcome", ["outcome"], registry=r)
+
+    def observe(self, o: Observation) -> None:
+        """Record one classification that produced a result (whatever its parse status)."""
+        p = o.policy
+        self.requests.labels(p, "ok").inc()
+        self.queue.labels(p).observe(o.queue_s)
+        if o.time_to_first_token_s is not None:
+            self.first_token.labels(p).observe(o.time_to_first_token_s)
+        if o.time_to_verdict_s is not None:
+            self.verdict.labels(p).observe(o.time_to_verdict_s)
+        self.total.labels(p).observe(o.total_s)
+        self.prompt_tokens.labels(p).inc(o.prompt_tokens)
+        self.cached_tokens.labels(p).inc(o.cached_prompt_tokens)
+        self.reasoning_tokens.labels(p).inc(o.reasoning_tokens)
+        self.output_tokens.labels(p).inc(o.output_tokens)
+        if o.violation is not None:
+            self.verdicts.labels(p, "true" if o.violation else "false", o.category or "none").inc()
+        if o.parse_status != "ok":
+            self.parse_failures.labels(p, o.parse_status).inc()
+
+    def failed(self, policy: str, outcome: str) -> None:
+        """Record a classification that ended in an error status (`outcome`: the lowercase code name)."""
+        self.requests.labels(policy, outcome).inc()
+
+
+@dataclass
+class MetricsServer:
+    """The /metrics HTTP server, on a thread of its own (prometheus-client's WSGI server)."""
+
+    server: WSGIServer
+    thread: threading.Thread
+
+    @property
+    def port(self) -> int:
+        return self.server.server_port
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+
+def serve_metrics(metrics: Metrics, address: str, port: int) -> MetricsServer:
+    """Start serving `metrics` at http://address:port/metrics; port 0 picks a free one."""
+    server, thread = start_http_server(port, addr=address, registry=metrics.registry)
+    return MetricsServer(server, thread)

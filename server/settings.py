@@ -1,0 +1,128 @@
+"""Front-end settings: one dataclass, the single place every serving knob is declared.
+
+Each field has a default and a `help` string in its metadata, so a command can generate its flags (and their
+environment-variable twins) from `fields(ServerSettings)` without restating them; `SETTING_HELP` exposes the same
+text. Tuple fields are repeatable flags. `validate` lists every problem at once, like the other settings files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from engine.errors import ApplianceError
+
+DEFAULT_STATE_DIR = "~/.local/state/safeguard-appliance"  # the same default as `appliance policy`
+AUDIT_FILE = "audit.sqlite3"
+
+
+class ServerSettingsError(ApplianceError):
+    """Settings the front end cannot start with."""
+
+
+def _setting(default: Any, help_text: str) -> Any:
+    if isinstance(default, tuple | list):
+        return field(default=tuple(default), metadata={"help": help_text})
+    return field(default=default, metadata={"help": help_text})
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    # -- network -----------------------------------------------------------------------------------------------
+    listen: str = _setting("127.0.0.1:50151", "host:port the gRPC API listens on")
+    triton_endpoints: tuple[str, ...] = _setting(
+        ("127.0.0.1:8001",), "Triton gRPC endpoints (host:port), each serving the same model; repeat for several")
+    triton_model: str = _setting("safeguard", "name of the Triton model to call")
+    metrics_address: str = _setting("127.0.0.1", "address the Prometheus /metrics HTTP server binds to")
+    metrics_port: int = _setting(50152, "port of the Prometheus /metrics HTTP server (0: any free port)")
+
+    # -- state ---------------------------------------------------------------------------------------------------
+    state_dir: str = _setting(DEFAULT_STATE_DIR, "directory holding the policy registry and the audit log")
+    audit_store_rationale: bool = _setting(True, "keep the model's rationale in the audit log")
+    audit_store_content: bool = _setting(False, "keep the classified content itself in the audit log "
+                                                "(its sha256 is always kept)")
+    audit_wait: bool = _setting(True, "answer only once the decision's audit record is on disk; off trades "
+                                      "the last few milliseconds of records on a crash for the fsync latency")
+
+    # -- model -----------------------------------------------------------------------------------------------------
+    model_repository: str = _setting(
+        "", "the Triton model repository, when it is on this host: its engine.json names the model when the "
+            "Triton model config has no 'model_fingerprint' parameter")
+    model_fingerprint: str = _setting(
+        "", "fingerprint of the served model (cache keys, audit records), used only when neither the Triton model "
+            "config nor model_repository names it")
+    model_dir: str = _setting("", "checkpoint directory whose tokenizer.json provides the vocabulary; empty: the "
+                                  "vocabulary bundled with the quicktok-v1 package")
+    max_output_tokens: int = _setting(1024, "generation budget of one classification (reasoning included)")
+    prefix_priority: int = _setting(90, "0..100 cache-retention priority sent with policy prefixes (and their "
+                                        "warm-up); TensorRT-LLM's default for other blocks is 35")
+
+    # -- limits ------------------------------------------------------------------------------------------------------
+    max_content_tokens: int = _setting(16_384, "largest content (the user message) accepted, in tokens")
+    max_policy_tokens: int = _setting(10_000, "largest policy body accepted, in tokens")
+    max_batch_items: int = _setting(256, "most items one ClassifyBatch may carry")
+    max_in_flight: int = _setting(64, "prompts being classified at once; past it requests are refused with "
+                                      "RESOURCE_EXHAUSTED and a retry hint")
+    batch_concurrency: int = _setting(8, "prompts one ClassifyBatch runs at once (each takes an in-flight slot)")
+    default_timeout_s: float = _setting(120.0, "deadline of a request whose client sets none, in seconds")
+
+    # -- housekeeping -----------------------------------------------------------------------------------------
+    health_interval_s: float = _setting(0.5, "seconds between readiness probes of each Triton endpoint")
+    policy_refresh_s: float = _setting(2.0, "seconds between checks for policy activations made by other "
+                                            "processes (the CLI)")
+    grace_s: float = _setting(10.0, "seconds running requests get to finish at shutdown")
+    log_level: str = _setting("info", "log level: debug, info, warning or error")
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.state_dir).expanduser()
+
+    @property
+    def audit_path(self) -> Path:
+        return self.state_path / AUDIT_FILE
+
+    def validate(self) -> ServerSettings:
+        """Raise ServerSettingsError listing every problem; returns self so calls chain."""
+        problems = [f"{name}: {problem}" for name, problem in _problems(self)]
+        if problems:
+            raise ServerSettingsError(problems)
+        return self
+
+
+SETTING_HELP: dict[str, str] = {f.name: f.metadata["help"] for f in fields(ServerSettings)}
+
+
+def _address_problem(value: str) -> str | None:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        return f"{value!r} is not host:port"
+    return None
+
+
+def _problems(s: ServerSettings) -> list[tuple[str, str]]:
+    found: list[tuple[str, str]] = []
+    addresses = [("listen", s.listen), *((f"triton_endpoints[{i}]", e) for i, e in enumerate(s.triton_endpoints))]
+    for name, value in addresses:
+        if (problem := _address_problem(value)) is not None:
+            found.append((name, problem))
+    if not s.triton_endpoints:
+        found.append(("triton_endpoints", "name at least one Triton endpoint"))
+    if len(set(s.triton_endpoints)) != len(s.triton_endpoints):
+        found.append(("triton_endpoints", "an endpoint is listed twice"))
+    if not 0 <= s.metrics_port <= 65535:
+        found.append(("metrics_port", f"{s.metrics_port} is not a port number"))
+    if not 0 <= s.prefix_priority <= 100:
+        found.append(("prefix_priority", f"must be within 0..100, got {s.prefix_priority}"))
+    for name in ("max_output_tokens", "max_content_tokens", "max_policy_tokens", "max_batch_items",
+                 "max_in_flight", "batch_concurrency"):
+        if getattr(s, name) < 1:
+            found.append((name, f"must be at least 1, got {getattr(s, name)}"))
+    for name in ("default_timeout_s", "health_interval_s", "policy_refresh_s"):
+        if not getattr(s, name) > 0:
+            found.append((name, f"must be more than 0, got {getattr(s, name)}"))
+    if s.grace_s < 0:
+        found.append(("grace_s", f"must be 0 or more, got {s.grace_s}"))
+    if s.log_level not in ("debug", "info", "warning", "error"):
+        found.append(("log_level", f"must be debug, info, warning or error, got {s.log_level!r}"))
+    return found
