@@ -14,6 +14,7 @@ import click
 from appliance.quickstart import quickstart_command
 from engine.cli import inspect_command, synth_command
 from engine.errors import ApplianceError
+from engine.profiles_cli import profiles_command
 from server.audit_cli import audit_group
 from server.policy_cli import policy_group
 
@@ -37,5 +38,6 @@ def main() -> None:
 main.add_command(audit_group)
 main.add_command(inspect_command)
 main.add_command(policy_group)
+main.add_command(profiles_command)
 main.add_command(quickstart_command)
 main.add_command(synth_command)

@@ -2,13 +2,14 @@
 
     1. check the checkpoint as serving needs it (weights, MXFP4 scales, tokenizer and generation files);
     2. hash its files; the model fingerprint is the sha256 of that manifest;
-    3. let the hardware profile decide the engine settings and the model's Triton instance kind;
+    3. let the build target decide the engine settings and the model's Triton instance kind;
     4. write the repository and `build-manifest.json` into a scratch directory beside REPO, then move it in place,
        so a failed build never leaves a half-written repository behind.
 
-A profile is everything that differs between targets. Only `cpu` (the transformers reference executor) exists so
-far; a GPU profile adds the TensorRT-LLM settings (and its weight preparation, e.g. BF16 experts for A100) by
-being another `Profile`.
+A `BuildTarget` is everything that differs between the `--gpu` choices. Only `cpu` (the transformers reference
+executor) exists so far; a GPU target is another `BuildTarget` whose engine settings carry the TensorRT-LLM
+arguments that `engine.profiles` sizes for that GPU (and which may prepare the weights first, e.g. BF16 experts
+for A100).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class BuildError(ApplianceError):
 class BuildOptions:
     model_dir: Path
     out: Path
-    profile: str
+    target: str  # a key of TARGETS
     dtype: str = "bfloat16"
     max_concurrency: int = DEFAULT_MAX_CONCURRENCY
     prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES
@@ -52,8 +53,8 @@ class BuildOptions:
 
 
 @dataclass(frozen=True)
-class Profile:
-    """A build target: which executor serves the model there, on what device, and as what kind of Triton instance."""
+class BuildTarget:
+    """Which executor serves the model on a target, on what device, and as what kind of Triton instance."""
 
     name: str
     executor: str
@@ -67,8 +68,8 @@ class Profile:
                               prefix_cache_bytes=options.prefix_cache_bytes)
 
 
-PROFILES = {
-    "cpu": Profile("cpu", executor="reference", device="cpu", instance_kind="KIND_CPU",
+TARGETS = {
+    "cpu": BuildTarget("cpu", executor="reference", device="cpu", instance_kind="KIND_CPU",
                    description="transformers reference executor on the CPU (evaluation, tests, air-gapped demos)"),
 }
 
@@ -88,23 +89,23 @@ def manifest_fingerprint(files: dict[str, dict[str, Any]]) -> str:
 
 
 def build(options: BuildOptions) -> BuildResult:
-    profile = PROFILES.get(options.profile)
-    if profile is None:
-        raise BuildError(f"unknown build profile {options.profile!r}; known: {', '.join(PROFILES)}")
+    target = TARGETS.get(options.target)
+    if target is None:
+        raise BuildError(f"unknown build target {options.target!r}; known: {', '.join(TARGETS)}")
     out = Path(options.out).absolute()
     _check_out(out, options.force)  # before hours of hashing, not only after
     model_dir = Path(options.model_dir).resolve()
     load_checkpoint(model_dir, for_serving=True)
     files = dict(iter_manifest(model_dir))
     fingerprint = manifest_fingerprint(files)
-    settings = profile.engine_settings(model_dir, fingerprint, options)
+    settings = target.engine_settings(model_dir, fingerprint, options)
 
     scratch = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(scratch, ignore_errors=True)
     try:
         scratch.mkdir(parents=True)
-        version_dir = write_repository(scratch, settings, profile.instance_kind)
-        manifest = _manifest(profile, settings, files, fingerprint, (version_dir / SETTINGS_FILE).read_bytes())
+        version_dir = write_repository(scratch, settings, target.instance_kind)
+        manifest = _manifest(target, settings, files, fingerprint, (version_dir / SETTINGS_FILE).read_bytes())
         (scratch / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         _check_out(out, options.force)
         if out.exists():
@@ -131,7 +132,7 @@ def _check_out(out: Path, force: bool) -> None:
                          f"--force replaces only those")
 
 
-def _manifest(profile: Profile, settings: EngineSettings, files: dict[str, dict[str, Any]], fingerprint: str,
+def _manifest(target: BuildTarget, settings: EngineSettings, files: dict[str, dict[str, Any]], fingerprint: str,
               settings_bytes: bytes) -> dict[str, Any]:
     from server.triton_launcher import tritonserver_version
 
@@ -141,7 +142,7 @@ def _manifest(profile: Profile, settings: EngineSettings, files: dict[str, dict[
     return {
         "format": MANIFEST_FORMAT,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "profile": profile.name,
+        "profile": target.name,
         "model": {"name": MODEL_NAME, "version": MODEL_VERSION, "fingerprint": fingerprint},
         "inputs": {
             "checkpoint": {"path": settings.model_dir, "manifest_sha256": fingerprint, "files": files},

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import click
 
-from build_scripts.build import DEFAULT_MAX_CONCURRENCY, DEFAULT_PREFIX_CACHE_BYTES, PROFILES, BuildOptions
+from build_scripts.build import DEFAULT_MAX_CONCURRENCY, DEFAULT_PREFIX_CACHE_BYTES, TARGETS, BuildOptions
 
 
 @click.command("build")
-@click.option("--gpu", "profile", type=click.Choice(list(PROFILES)), required=True,
+@click.option("--gpu", "target", type=click.Choice(list(TARGETS)), required=True,
               help="Target hardware; 'cpu' serves with the transformers reference executor.")
 @click.option("--model", "model_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Hugging Face checkpoint directory (weights, config, tokenizer and generation files).")
@@ -23,12 +23,12 @@ from build_scripts.build import DEFAULT_MAX_CONCURRENCY, DEFAULT_PREFIX_CACHE_BY
 @click.option("--prefix-cache-bytes", type=click.IntRange(min=0), default=DEFAULT_PREFIX_CACHE_BYTES,
               help="Memory budget of the policy prefix KV cache.")
 @click.option("--force", is_flag=True, help="Replace an earlier build in --out.")
-def build_command(profile: str, model_dir: Path, out: Path, dtype: str, max_concurrency: int,
+def build_command(target: str, model_dir: Path, out: Path, dtype: str, max_concurrency: int,
                   prefix_cache_bytes: int, force: bool) -> None:
     """Verify a checkpoint and write a Triton model repository and build manifest for the target."""
     from build_scripts.build import build
 
-    result = build(BuildOptions(model_dir=model_dir, out=out, profile=profile, dtype=dtype,
+    result = build(BuildOptions(model_dir=model_dir, out=out, target=target, dtype=dtype,
                                 max_concurrency=max_concurrency, prefix_cache_bytes=prefix_cache_bytes, force=force))
-    click.echo(f"wrote {result.repository} ({profile}: {result.settings.executor} executor, {dtype}) for model "
+    click.echo(f"wrote {result.repository} ({target}: {result.settings.executor} executor, {dtype}) for model "
                f"{result.settings.model_dir}, fingerprint {result.settings.model_fingerprint[:16]}")

@@ -155,8 +155,8 @@ class Profile:
     def llm_kwargs(self) -> dict[str, Any]:
         """`tensorrt_llm.LLM()` keyword arguments: what the build writes to engine.json `trtllm`.
 
-        Names follow TensorRT-LLM's documented LLM API and published configs (research/trtllm_triton.md §1.4,
-        §2.1); the TensorRT-LLM executor's author verifies them against the 1.2.x source."""
+        Every name is checked against TensorRT-LLM's 1.2.x source in docs/trtllm.md; the executor turns the three
+        dicts into `KvCacheConfig`, `CudaGraphConfig` and `MoeConfig`, which reject unknown fields."""
         if not self.fits:
             raise ProfileError(f"{self.id}: {self.problem}")
         return {

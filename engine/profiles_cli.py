@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from engine.config import load_config
 from engine.profiles import (
     DEFAULT_CONTEXT,
     DEFAULT_MAX_NUM_TOKENS,
@@ -65,8 +66,6 @@ def _notes(profiles: list[Profile]) -> list[str]:
 @click.option("--json", "as_json", is_flag=True, help="Print the profiles as JSON.")
 def profiles_command(model_path: Path, gpu: str | None, gpus: int | None, context: int, as_json: bool) -> None:
     """List the GPU profiles that fit a model, with weights, KV cache and batch figures per GPU."""
-    from engine.config import load_config
-
     cfg = load_config(model_path)
     single = gpu is not None and gpus is not None
     profiles = [fit(cfg, gpu, gpus, context)] if single else list_profiles(cfg, gpu, gpus, context)

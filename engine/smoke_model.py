@@ -42,7 +42,7 @@ import numpy as np
 
 from engine import bf16, mxfp4
 from engine.config import preset_dict
-from engine.harmony_parse import CHANNEL, END, MESSAGE, RETURN, START
+from engine.harmony_parse import CHANNEL, END, MESSAGE, RETURN, START, VOCAB_SIZE
 from engine.prompt import Chat, Content, PromptRenderer, PromptResponse, Text, Turn
 from engine.safetensors_io import read_header, read_tensor
 from engine.vocab import default_cache_dir, load_harmony_encoding
@@ -83,6 +83,7 @@ class TrainConfig:
     lr: float = 4e-3
     warmup: int = 20
     quantized_steps: int = 60  # the last steps, with the experts held at their MXFP4 values
+    negatives: int = 2048  # output tokens sampled per step into the softmax, besides the completion's own
     threads: int = 2
 
 
@@ -189,10 +190,10 @@ class Batch:
     attention_mask: torch.Tensor  # [B, T]
     rows: torch.Tensor  # [N] batch index of each predicted position
     cols: torch.Tensor  # [N] position whose hidden state predicts the next token
-    targets: torch.Tensor  # [N]
+    targets: torch.Tensor  # [N] index of the next token in the candidate list
 
 
-def make_batch(prompts: list[list[int]], completions: list[list[int]]) -> Batch:
+def make_batch(prompts: list[list[int]], completions: list[list[int]], index: Mapping[int, int]) -> Batch:
     import torch
 
     seqs = [p + c for p, c in zip(prompts, completions, strict=True)]
@@ -206,15 +207,18 @@ def make_batch(prompts: list[list[int]], completions: list[list[int]]) -> Batch:
         for at in range(len(prompt), len(seq)):
             rows.append(b)
             cols.append(at - 1)
-            targets.append(seq[at])
+            targets.append(index[seq[at]])
     return Batch(ids, mask, torch.tensor(rows), torch.tensor(cols), torch.tensor(targets))
 
 
-def batch_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+def batch_loss(model: torch.nn.Module, batch: Batch, candidates: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the completion tokens over `candidates` (the targets first, then sampled negatives)."""
     import torch.nn.functional as F
 
     hidden = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-    logits = model.lm_head(hidden[batch.rows, batch.cols])
+    # Gathering the output rows keeps the gradient sparse: only the candidates' rows move.
+    rows = F.embedding(candidates, model.lm_head.weight, sparse=True)
+    logits = hidden[batch.rows, batch.cols] @ rows.T
     return F.cross_entropy(logits.float(), batch.targets)
 
 
@@ -257,30 +261,43 @@ def _train(config: TrainConfig, log: bool) -> dict[str, np.ndarray]:
 
     started = time.perf_counter()
     torch.manual_seed(config.seed)
+    sampler = torch.Generator().manual_seed(config.seed)
     encoding = load_harmony_encoding()
     policy = load_policy(POLICY_FILE)
     renderer = PromptRenderer(encoding, model_fingerprint="smoke-training")
     prefix = renderer.prefix(policy.body, policy.reasoning_effort)
     lists = word_lists(encoding)
     rng = random.Random(config.seed)
-    targets = {v: completion_ids(encoding, v) for v in (False, True)}
+    completions = {v: completion_ids(encoding, v) for v in (False, True)}
+    outputs = sorted(set(completions[False]) | set(completions[True]))
+    index = {token: i for i, token in enumerate(outputs)}
+    is_output = torch.zeros(VOCAB_SIZE, dtype=torch.bool)
+    is_output[outputs] = True
 
     model = build_model(config.layers)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.98), weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config))
+    model.model.embed_tokens.sparse = True
+    sparse = [model.model.embed_tokens.weight, model.lm_head.weight]
+    dense = [p for p in model.parameters() if all(p is not q for q in sparse)]
+    optimizers = [torch.optim.SparseAdam(sparse, lr=config.lr, betas=(0.9, 0.98)),
+                  torch.optim.AdamW(dense, lr=config.lr, betas=(0.9, 0.98), weight_decay=0.0)]
+    schedules = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: _lr_factor(s, config)) for o in optimizers]
     for step in range(config.steps):
         if step == config.steps - config.quantized_steps:
             _quantize_experts_(model)
         examples = [make_example(rng, lists) for _ in range(config.batch_size)]
         batch = make_batch([renderer.render(prefix, e.content).ids for e in examples],
-                           [targets[e.violation] for e in examples])
-        loss = batch_loss(model, batch)
-        optimizer.zero_grad(set_to_none=True)
+                           [completions[e.violation] for e in examples], index)
+        negatives = torch.randperm(VOCAB_SIZE, generator=sampler)[:config.negatives]
+        candidates = torch.cat([torch.tensor(outputs), negatives[~is_output[negatives]]])
+        loss = batch_loss(model, batch, candidates)
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
+        torch.nn.utils.clip_grad_norm_([p for p in dense if p.grad is not None], 1.0)
+        for optimizer, schedule in zip(optimizers, schedules, strict=True):
+            optimizer.step()
+            schedule.step()
         if log and (step % 20 == 0 or step == config.steps - 1):
             print(f"step {step:4d} loss {loss.item():.4f} {time.perf_counter() - started:6.1f} s", flush=True)
     if config.quantized_steps == 0:

@@ -203,6 +203,8 @@ class TritonPythonModel:
         return None  # decoupled: responses go through the senders
 
     def finalize(self) -> None:
+        if not hasattr(self, "_loop"):  # initialize failed before the loop existed
+            return
         try:
             asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(SHUTDOWN_TIMEOUT_S)
         except Exception as exc:  # unloading must finish whatever the executor does

@@ -119,6 +119,33 @@ class _Tally:
     missed_blocks: int = 0
 
 
+async def _next_output(result: Any, cancel_wait: asyncio.Future[Any]) -> bool:
+    """Wait for TensorRT-LLM's next streamed output; False when the request was cancelled first."""
+    step = asyncio.ensure_future(result.__anext__())
+    try:
+        done, _ = await asyncio.wait((step, cancel_wait), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # the reading task was cancelled
+        step.cancel()
+        raise
+    if step not in done:
+        step.cancel()
+        return False
+    step.result()  # re-raises a failure reported by TensorRT-LLM
+    return True
+
+
+def _ending(request: GenerationRequest, completion: Any, tally: _Tally) -> tuple[str, str | None]:
+    """The finish reason (and error text) of a finished completion; records its KV block figures."""
+    metrics = completion.request_perf_metrics  # present because every request asks for perf metrics
+    if metrics is not None:
+        tally.reused_blocks = metrics.kv_cache_metrics.num_reused_blocks
+        tally.missed_blocks = metrics.kv_cache_metrics.num_missed_blocks
+    finish, error = finish_reason(completion.finish_reason)
+    if request.max_tokens == 0 and finish in ("stop", "length"):
+        finish = "length"  # the one token asked for only to satisfy TensorRT-LLM was dropped
+    return finish, error
+
+
 class TrtllmExecutor(Executor):
     def __init__(self, settings: EngineSettings):
         if settings.executor != "trtllm":
@@ -189,7 +216,7 @@ class TrtllmExecutor(Executor):
             if self._closed:
                 raise RuntimeError("the TensorRT-LLM executor is closed")
             self._streams.setdefault(request.request_id, []).append(stream)
-        tally = _Tally("error")
+        tally = _Tally("cancelled")  # what a reader that leaves before the final chunk amounts to
         try:
             async for chunk in self._relay(stream, tally):
                 yield chunk
@@ -204,49 +231,39 @@ class TrtllmExecutor(Executor):
             stream.result = self._submit(request)
         except Exception as exc:  # refused by TensorRT-LLM's own checks: this stream ends, the executor lives on
             log.exception("TensorRT-LLM refused request %s", request.request_id)
+            tally.finish = "error"
             yield GenerationChunk(finish_reason="error", error=f"TensorRT-LLM refused the request: {exc}")
             return
-        if stream.cancelled.is_set():  # cancel() arrived before the request was submitted
-            stream.abort()
         result = stream.result
         emitted = 0
         first = True
         cancel_wait = asyncio.ensure_future(stream.cancelled.wait())
-        step: asyncio.Future[Any] | None = None
         try:
             while True:
-                step = asyncio.ensure_future(result.__anext__())
-                await asyncio.wait((step, cancel_wait), return_when=asyncio.FIRST_COMPLETED)
-                if not step.done():
-                    tally.finish = "cancelled"
-                    yield self._chunk(result, first, finish="cancelled")
-                    return
                 try:
-                    step.result()
+                    if not await _next_output(result, cancel_wait):
+                        yield self._chunk(tally, first, finish="cancelled")
+                        return
                 except Exception as exc:  # a failure inside TensorRT-LLM ends this stream only
                     log.exception("TensorRT-LLM failed on request %s", request.request_id)
-                    yield self._chunk(result, first, finish="error", error=f"TensorRT-LLM failure: {exc}")
+                    tally.finish = "error"
+                    yield self._chunk(tally, first, finish="error", error=f"TensorRT-LLM failure: {exc}")
                     return
                 completion = result.outputs[0]
-                # Slicing by what was sent, rather than token_ids_diff, keeps this right however outputs arrive.
+                # Slicing by what was sent, rather than token_ids_diff, stays right however responses are batched.
                 tokens = tuple(completion.token_ids[emitted:]) if request.max_tokens else ()
                 emitted += len(tokens)
-                tally.cached = result.cached_tokens
-                tally.generated = emitted
+                # Exact prompt tokens served from the KV cache; TensorRT-LLM may leave it unset (None) on some paths.
+                tally.cached, tally.generated = int(result.cached_tokens or 0), emitted
                 if result.finished:
-                    self._tally_finish(tally, completion)
-                    finish, error = ("length", None) if request.max_tokens == 0 and tally.finish != "cancelled" \
-                        else finish_reason(completion.finish_reason)
-                    tally.finish = finish
-                    yield self._chunk(result, first, tokens, finish, error)
+                    tally.finish, error = _ending(request, completion, tally)
+                    yield self._chunk(tally, first, tokens, tally.finish, error)
                     return
                 if tokens:
-                    yield self._chunk(result, first, tokens)
+                    yield self._chunk(tally, first, tokens)
                     first = False
         finally:
-            for task in (step, cancel_wait):
-                if task is not None:
-                    task.cancel()
+            cancel_wait.cancel()
 
     def _submit(self, request: GenerationRequest) -> Any:
         """Hand the request to TensorRT-LLM; returns its streaming RequestOutput."""
@@ -271,22 +288,15 @@ class TrtllmExecutor(Executor):
         if request.prefix_len == 0:
             return None  # TensorRT-LLM refuses an empty token range
         config = self._llmapi.KvCacheRetentionConfig
-        prefix = config.TokenRangeRetentionConfig(token_start=0, token_end=request.prefix_len,
-                                                  priority=request.prefix_priority, duration_ms=None)
+        # (token_start, token_end, priority, duration_ms), positional as in TensorRT-LLM's own example; no
+        # duration: the priority never lapses back to the default while the blocks stay cached.
+        prefix = config.TokenRangeRetentionConfig(0, request.prefix_len, request.prefix_priority, None)
         return config(token_range_retention_configs=[prefix])
 
     @staticmethod
-    def _chunk(result: Any, first: bool, tokens: tuple[int, ...] = (), finish: str | None = None,
+    def _chunk(tally: _Tally, first: bool, tokens: tuple[int, ...] = (), finish: str | None = None,
                error: str | None = None) -> GenerationChunk:
-        return GenerationChunk(tokens, result.cached_tokens if first else None, finish, error)
-
-    @staticmethod
-    def _tally_finish(tally: _Tally, completion: Any) -> None:
-        """Add the KV block figures of the per-request perf metrics, when TensorRT-LLM sent them."""
-        metrics = completion.request_perf_metrics
-        if metrics is not None:
-            tally.reused_blocks = metrics.kv_cache_metrics.num_reused_blocks
-            tally.missed_blocks = metrics.kv_cache_metrics.num_missed_blocks
+        return GenerationChunk(tokens, tally.cached if first else None, finish, error)
 
     def _finish(self, stream: _Stream, tally: _Tally) -> None:
         prompt = len(stream.request.input_ids)

@@ -424,8 +424,7 @@ class Classifier:
         self.admission = Admission(settings.max_in_flight, metrics.in_flight)
         self._encode = content_encoder(encoding)
         self.policies = PolicyBook(registry, self.limits, self._encode)
-        self.endpoints = {address: TritonEndpoint(address, settings.triton_model)
-                          for address in settings.triton_endpoints}
+        self.endpoints: dict[str, TritonEndpoint] = {}  # opened by start(): a grpc.aio channel belongs to a loop
         self.router = Router([Endpoint(address, address) for address in settings.triton_endpoints])
         self.model: ModelInfo | None = None
         self._framing_tokens = 0
@@ -439,6 +438,8 @@ class Classifier:
 
     async def start(self) -> None:
         """Probe the endpoints once (so a healthy deployment is ready when this returns), then keep probing."""
+        self.endpoints = {address: TritonEndpoint(address, self.settings.triton_model)
+                          for address in self.settings.triton_endpoints}
         await self._probe_all()
         self._tasks = [asyncio.create_task(self._probe_loop(), name="probe-endpoints"),
                        asyncio.create_task(self._refresh_loop(), name="refresh-policies")]

@@ -49,8 +49,9 @@ class JsonFormatter(logging.Formatter):
 _HANDLER_NAME = "safeguard-json"
 
 
-def configure(level: str = "info", stream: TextIO | None = None) -> None:
-    """Send every log record (the root logger's) to `stream` as JSON lines; calling it again replaces the handler."""
+def configure(level: str = "info", stream: TextIO | None = None) -> logging.Handler:
+    """Send every log record (the root logger's) to `stream` as JSON lines; calling it again replaces the handler,
+    which is returned so a caller can remove it."""
     root = logging.getLogger()
     for handler in [h for h in root.handlers if h.get_name() == _HANDLER_NAME]:
         root.removeHandler(handler)
@@ -59,6 +60,7 @@ def configure(level: str = "info", stream: TextIO | None = None) -> None:
     handler.setFormatter(JsonFormatter())
     root.addHandler(handler)
     root.setLevel(LEVELS.get(level, logging.INFO))
+    return handler
 
 
 def event(logger: logging.Logger, level: int, message: str, **fields: Any) -> None:

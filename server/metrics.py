@@ -40,6 +40,21 @@ class Observation:
     category: str | None
 
 
+@dataclass(frozen=True)
+class _PolicySeries:
+    """One policy's children of the per-request series."""
+
+    ok: Counter
+    queue: Histogram
+    first_token: Histogram
+    verdict: Histogram
+    total: Histogram
+    prompt_tokens: Counter
+    cached_tokens: Counter
+    reasoning_tokens: Counter
+    output_tokens: Counter
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -73,25 +88,35 @@ class Metrics:
                                          "endpoint was unreachable or died mid-stream", ["endpoint"], registry=r)
         self.warmups = Counter("safeguard_prefix_warmups", "Prefill-only requests that warm a policy prefix, by "
                                "outcome", ["outcome"], registry=r)
+        self._series: dict[str, _PolicySeries] = {}
 
     def observe(self, o: Observation) -> None:
         """Record one classification that produced a result (whatever its parse status)."""
-        p = o.policy
-        self.requests.labels(p, "ok").inc()
-        self.queue.labels(p).observe(o.queue_s)
+        s = self._series.get(o.policy) or self._bind(o.policy)
+        s.ok.inc()
+        s.queue.observe(o.queue_s)
         if o.time_to_first_token_s is not None:
-            self.first_token.labels(p).observe(o.time_to_first_token_s)
+            s.first_token.observe(o.time_to_first_token_s)
         if o.time_to_verdict_s is not None:
-            self.verdict.labels(p).observe(o.time_to_verdict_s)
-        self.total.labels(p).observe(o.total_s)
-        self.prompt_tokens.labels(p).inc(o.prompt_tokens)
-        self.cached_tokens.labels(p).inc(o.cached_prompt_tokens)
-        self.reasoning_tokens.labels(p).inc(o.reasoning_tokens)
-        self.output_tokens.labels(p).inc(o.output_tokens)
+            s.verdict.observe(o.time_to_verdict_s)
+        s.total.observe(o.total_s)
+        s.prompt_tokens.inc(o.prompt_tokens)
+        s.cached_tokens.inc(o.cached_prompt_tokens)
+        s.reasoning_tokens.inc(o.reasoning_tokens)
+        s.output_tokens.inc(o.output_tokens)
         if o.violation is not None:
-            self.verdicts.labels(p, "true" if o.violation else "false", o.category or "none").inc()
+            self.verdicts.labels(o.policy, "true" if o.violation else "false", o.category or "none").inc()
         if o.parse_status != "ok":
-            self.parse_failures.labels(p, o.parse_status).inc()
+            self.parse_failures.labels(o.policy, o.parse_status).inc()
+
+    def _bind(self, policy: str) -> _PolicySeries:
+        # labels() is a locked dict lookup per call; a request touches nine series, so bind them once per policy.
+        series = self._series[policy] = _PolicySeries(
+            self.requests.labels(policy, "ok"), self.queue.labels(policy), self.first_token.labels(policy),
+            self.verdict.labels(policy), self.total.labels(policy), self.prompt_tokens.labels(policy),
+            self.cached_tokens.labels(policy), self.reasoning_tokens.labels(policy),
+            self.output_tokens.labels(policy))
+        return series
 
     def failed(self, policy: str, outcome: str) -> None:
         """Record a classification that ended in an error status (`outcome`: the lowercase code name)."""

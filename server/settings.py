@@ -42,8 +42,9 @@ class ServerSettings:
     audit_store_rationale: bool = _setting(True, "keep the model's rationale in the audit log")
     audit_store_content: bool = _setting(False, "keep the classified content itself in the audit log "
                                                 "(its sha256 is always kept)")
-    audit_wait: bool = _setting(True, "answer only once the decision's audit record is on disk; off trades "
-                                      "the last few milliseconds of records on a crash for the fsync latency")
+    audit_wait: bool = _setting(False, "answer only once the decision's audit record is on disk (adds an fsync, "
+                                       "milliseconds, to every answer); off, the record is queued before the "
+                                       "answer and a crash can lose the last few milliseconds of records")
 
     # -- model -----------------------------------------------------------------------------------------------------
     model_repository: str = _setting(

@@ -86,6 +86,9 @@ class TritonConfig:
     http_port: int = 0
     metrics_port: int = 0
     log_verbose: int = 0
+    # On stop, in-flight requests get this long to finish before the models are unloaded (and their finalize
+    # cancels the rest); kept well inside STOP_GRACE_S so a busy server still stops gracefully.
+    exit_timeout_s: int = 5
     extra_args: tuple[str, ...] = ()
     workdir: Path | None = None  # backends copy and log; None: a temporary directory removed by stop()
 
@@ -151,6 +154,7 @@ class TritonServer:
             f"--metrics-address={cfg.host}", f"--metrics-port={self.metrics_port}",
             "--allow-gpu-metrics=false",
             f"--log-verbose={cfg.log_verbose}",
+            f"--exit-timeout-secs={cfg.exit_timeout_s}",
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
             *cfg.extra_args,
         ]
@@ -182,7 +186,8 @@ class TritonServer:
             time.sleep(POLL_S)
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
-        return "\n".join(self.log_text().splitlines()[-lines:])
+        """The end of the log without the server's options table, which would push the models' errors out."""
+        return "\n".join(_without_options_table(self.log_text().splitlines())[-lines:])
 
     def stop(self, grace: float = STOP_GRACE_S) -> int | None:
         """Stop the server and its stubs, remove its shared memory (and its working directory if temporary);
@@ -257,6 +262,19 @@ def tritonserver_version() -> str | None:
         finally:
             _signal_group(process.pid, signal.SIGKILL)  # holds no models, no shared memory: nothing to clean
             process.wait()
+
+
+def _without_options_table(lines: list[str]) -> list[str]:
+    kept, in_table = [], False
+    for i, line in enumerate(lines):
+        if line.startswith("+") and i + 1 < len(lines) and lines[i + 1].startswith("| Option "):
+            in_table = True
+        elif in_table and line.startswith("+") and i > 0 and not lines[i - 1].startswith("| Option "):
+            in_table = False
+            continue
+        if not in_table:
+            kept.append(line)
+    return kept
 
 
 def _prepare_backends(install: TritonInstall, workdir: Path) -> Path:

@@ -12,6 +12,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".cache" / "tests"
+POLICIES = REPO / "policies"
 os.environ.setdefault("APPLIANCE_CACHE_DIR", str(REPO / ".cache" / "appliance"))
 
 _SOURCES = ("engine/synth.py", "engine/config.py", "engine/inventory.py", "engine/safetensors_io.py",

@@ -194,16 +194,18 @@ class BatchItem(_message.Message):
     def __init__(self, item_id: _Optional[str] = ..., content: _Optional[_Union[Content, _Mapping]] = ..., policies: _Optional[_Iterable[_Union[PolicySelector, _Mapping]]] = ...) -> None: ...
 
 class ClassifyBatchRequest(_message.Message):
-    __slots__ = ("items", "policies", "reasoning_effort", "include_reasoning")
+    __slots__ = ("items", "policies", "reasoning_effort", "include_reasoning", "request_id")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     POLICIES_FIELD_NUMBER: _ClassVar[int]
     REASONING_EFFORT_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_REASONING_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[BatchItem]
     policies: _containers.RepeatedCompositeFieldContainer[PolicySelector]
     reasoning_effort: ReasoningEffort
     include_reasoning: bool
-    def __init__(self, items: _Optional[_Iterable[_Union[BatchItem, _Mapping]]] = ..., policies: _Optional[_Iterable[_Union[PolicySelector, _Mapping]]] = ..., reasoning_effort: _Optional[_Union[ReasoningEffort, str]] = ..., include_reasoning: _Optional[bool] = ...) -> None: ...
+    request_id: str
+    def __init__(self, items: _Optional[_Iterable[_Union[BatchItem, _Mapping]]] = ..., policies: _Optional[_Iterable[_Union[PolicySelector, _Mapping]]] = ..., reasoning_effort: _Optional[_Union[ReasoningEffort, str]] = ..., include_reasoning: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class ItemError(_message.Message):
     __slots__ = ("code", "message")

@@ -1,0 +1,353 @@
+"""The front end's added latency: Classify through the front end against the same tokens sent to Triton directly.
+
+    python -m benchmarks.bench_frontend [--requests 400] [--concurrency 1 4] [--chunk 8]
+
+One tritonserver serves a canned model (`write_canned_model`): it implements the safeguard tensor contract and
+streams a fixed, short harmony completion, so generation costs almost nothing and every difference between the two
+paths is the front end's. The front end runs in its own process, as in production, with the smoke policy active
+(and audit records queued without waiting for the fsync, `audit_wait=False`; see the printed note). Both paths run
+the same rendered prompts at the same closed-loop concurrency, interleaved in rounds so drift on a shared machine
+hits both alike:
+
+- direct: the prompt's token ids streamed from Triton with `server.triton_client` (the cheapest client we have),
+  until the final response;
+- front end: `Classify` over gRPC: policy lookup, rendering, routing, the same Triton call, verdict parsing,
+  audit, metrics.
+
+It prints p50/p99 per path and the differences. Nothing asserts.
+
+The canned model also serves the front end's tests, which need a real Triton model they can steer: a marker token
+sequence in the prompt (after the policy prefix) picks a script that can stream slowly, fail or answer otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from engine.triton_model import INPUTS, OUTPUTS, TensorSpec
+
+POLICY_FILE = Path(__file__).resolve().parents[1] / "policies" / "smoke.md"
+SAFE_ANALYSIS = "The content does not mention bananas."
+SAFE_FINAL = '{"violation": 0, "policy_category": null, "rule_ids": []}'
+UNSAFE_ANALYSIS = "The content mentions bananas, so BN1.a applies."
+UNSAFE_FINAL = '{"violation": 1, "policy_category": "BN1", "rule_ids": ["BN1.a"]}'
+
+CANNED_MODEL = '''"""A canned decoupled model implementing the safeguard tensor contract (DESIGN 4.2), written by
+benchmarks/bench_frontend.py: fixed completions chosen by a marker found in the prompt after its prefix."""
+import json
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+def _contains(haystack, needle):
+    n = len(needle)
+    return any(haystack[i:i + n] == needle for i in range(len(haystack) - n + 1))
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self._dir = Path(args["model_repository"]) / args["model_version"]
+        self._scripts = json.loads((self._dir / "canned.json").read_text())
+        self._seen = set()  # prefixes "cached" so far, as an executor's prefix cache would report them
+        self._lock = threading.Lock()
+
+    def execute(self, requests):
+        for request in requests:
+            arrays = {}
+            for name in ("input_ids", "max_tokens", "prefix_len", "prefix_priority"):
+                tensor = pb_utils.get_input_tensor_by_name(request, name)
+                if tensor is not None:
+                    arrays[name] = tensor.as_numpy().reshape(-1).tolist()
+            sender = request.get_response_sender()
+            # One thread per request, so slow scripts do not hold up other requests.
+            threading.Thread(target=self._serve, args=(request.request_id(), arrays, sender), daemon=True).start()
+        return None
+
+    def _log(self, name, line):
+        with self._lock, open(self._dir / name, "a") as log:
+            log.write(line + "\\n")
+
+    def _serve(self, request_id, arrays, sender):
+        ids = arrays["input_ids"]
+        prefix_len = arrays.get("prefix_len", [0])[0]
+        key = tuple(ids[:prefix_len])
+        with self._lock:
+            cached = prefix_len if prefix_len and key in self._seen else 0
+            if prefix_len:
+                self._seen.add(key)
+        budget = arrays["max_tokens"][0]
+        self._log("requests.log", json.dumps({"id": request_id, "prompt": len(ids), "prefix_len": prefix_len,
+                                             "priority": arrays.get("prefix_priority", [None])[0],
+                                             "max_tokens": budget}))
+        script = next((s for s in self._scripts if _contains(ids[prefix_len:], s["marker"])), self._scripts[-1])
+        if script["error"]:
+            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(script["error"])),
+                        flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            return
+        tokens = script["completion"][:budget]
+        finish = "stop" if len(tokens) == len(script["completion"]) else "length"
+        step = script["chunk"]
+        chunks = [tokens[i:i + step] for i in range(0, len(tokens), step)] or [[]]
+        for n, chunk in enumerate(chunks):
+            if script["delay_s"]:
+                time.sleep(script["delay_s"])
+            cancelled = sender.is_cancelled()
+            if cancelled:
+                self._log("cancelled.log", request_id)
+                chunk, finish = [], "cancelled"
+            last = cancelled or n == len(chunks) - 1
+            outputs = [pb_utils.Tensor("output_ids", np.array(chunk, dtype=np.int32)),
+                       pb_utils.Tensor("cached_tokens", np.array([cached], dtype=np.int32)),
+                       pb_utils.Tensor("finish_reason", np.array([finish.encode() if last else b""],
+                                                                 dtype=np.object_))]
+            # Every request must end with the final flag, cancelled ones too, or Triton waits for it at shutdown.
+            sender.send(pb_utils.InferenceResponse(output_tensors=outputs),
+                        flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if last else 0)
+            if last:
+                return
+'''
+
+
+@dataclass(frozen=True)
+class Script:
+    """What the canned model streams when `marker` occurs in the prompt after the prefix (empty: the default,
+    which must come last)."""
+
+    marker: Sequence[int]
+    completion: Sequence[int] = ()
+    chunk: int = 8  # tokens per streamed response
+    delay_s: float = 0.0  # before each response
+    error: str = ""  # answer with this Triton error instead
+
+
+@dataclass(frozen=True)
+class CannedModel:
+    name: str
+    directory: Path  # the version directory, where requests.log and cancelled.log appear
+
+    def log_lines(self, name: str) -> list[str]:
+        path = self.directory / name
+        return path.read_text().splitlines() if path.exists() else []
+
+
+def harmony_completion(encode_special: Callable[[str], list[int]], analysis: str, final: str) -> list[int]:
+    """An analysis message then a final one, ended by <|return|>, as the model would write them."""
+    return encode_special(f"<|channel|>analysis<|message|>{analysis}<|end|><|start|>assistant<|channel|>final"
+                          f"<|message|>{final}<|return|>")
+
+
+def _tensors(specs: Sequence[TensorSpec]) -> str:
+    rows = [f'  {{ name: "{s.name}" data_type: {s.data_type} dims: [ {", ".join(map(str, s.dims))} ]'
+            f'{" optional: true" if s.optional else ""} }}' for s in specs]
+    return ",\n".join(rows)
+
+
+def write_canned_model(repo: Path, scripts: Sequence[Script], *, name: str = "canned",
+                       fingerprint: str = "canned-model") -> CannedModel:
+    """Add the canned model to a Triton repository; its config names `fingerprint` as the front end expects."""
+    version = Path(repo) / name / "1"
+    version.mkdir(parents=True, exist_ok=True)
+    (version / "model.py").write_text(CANNED_MODEL)
+    (version / "canned.json").write_text(json.dumps([asdict(s) | {"marker": list(s.marker),
+                                                                  "completion": list(s.completion)}
+                                                     for s in scripts]))
+    (version.parent / "config.pbtxt").write_text(
+        f'name: "{name}"\nbackend: "python"\nmax_batch_size: 0\nmodel_transaction_policy {{ decoupled: true }}\n'
+        f"input [\n{_tensors(INPUTS)}\n]\noutput [\n{_tensors(OUTPUTS)}\n]\n"
+        "instance_group [ { count: 1 kind: KIND_CPU } ]\n"
+        f'parameters {{ key: "model_fingerprint" value {{ string_value: "{fingerprint}" }} }}\n')
+    return CannedModel(name, version)
+
+
+# -- the measurement ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Samples:
+    direct: list[float] = field(default_factory=list)
+    frontend: list[float] = field(default_factory=list)
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def _closed_loop(call: Callable[[int], Awaitable[None]], requests: int, concurrency: int) -> list[float]:
+    latencies: list[float] = []
+    counter = iter(range(requests))
+
+    async def worker() -> None:
+        for i in counter:
+            started = time.perf_counter()
+            await call(i)
+            latencies.append((time.perf_counter() - started) * 1000)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return latencies
+
+
+def _texts(count: int) -> list[str]:
+    subjects = ("apples", "the weather", "a parcel", "train times", "a recipe", "the meeting", "a new phone")
+    return [f"Message {i}: a short note about {subjects[i % len(subjects)]}, nothing more." for i in range(count)]
+
+
+async def _measure(triton_url: str, frontend_url: str, fingerprint: str, model: str, args: argparse.Namespace
+                   ) -> dict[int, Samples]:
+    import grpc
+
+    from engine.prompt import PromptRenderer, Text
+    from engine.vocab import load_harmony_encoding
+    from server.generated.safeguard.v1 import safeguard_pb2 as pb
+    from server.generated.safeguard.v1 import safeguard_pb2_grpc as pb_grpc
+    from server.policy import load_policy
+    from server.triton_client import GenerateRequest, TritonEndpoint
+
+    policy = load_policy(POLICY_FILE)
+    renderer = PromptRenderer(load_harmony_encoding(), fingerprint)
+    prefix = renderer.prefix(policy.body, policy.reasoning_effort)
+    texts = _texts(64)
+    prompts = [renderer.render(prefix, Text(t)) for t in texts]
+    requests = [pb.ClassifyRequest(policy=pb.PolicySelector(ref=policy.id), content=pb.Content(text=t)) for t in texts]
+    endpoint = TritonEndpoint(triton_url, model)
+    channel = grpc.aio.insecure_channel(frontend_url)
+    stub = pb_grpc.SafeguardStub(channel)
+
+    async def direct(i: int) -> None:
+        p = prompts[i % len(prompts)]
+        request = GenerateRequest(p.ids, args.max_tokens, p.prefix_len, 90)
+        async with contextlib.aclosing(endpoint.generate(request, 30.0)) as chunks:
+            async for _ in chunks:
+                pass
+
+    async def frontend(i: int) -> None:
+        await stub.Classify(requests[i % len(requests)], timeout=30.0)
+
+    results = {c: Samples() for c in args.concurrency}
+    for c in args.concurrency:
+        await _closed_loop(direct, args.warmup, c)
+        await _closed_loop(frontend, args.warmup, c)
+        per_round = max(1, args.requests // args.rounds)
+        for _ in range(args.rounds):
+            results[c].direct += await _closed_loop(direct, per_round, c)
+            results[c].frontend += await _closed_loop(frontend, per_round, c)
+    await channel.close()
+    await endpoint.close()
+    return results
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_frontend(settings: dict, log_path: Path) -> subprocess.Popen:
+    command = [sys.executable, "-m", "benchmarks.bench_frontend", "--serve", json.dumps(settings)]
+    with log_path.open("wb") as log:
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1])
+
+
+async def _wait_serving(address: str, timeout: float = 60.0) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            await asyncio.sleep(0.1)
+    raise RuntimeError(f"the front end at {address} did not become ready in {timeout:.0f} s")
+
+
+def _report(results: dict[int, Samples], args: argparse.Namespace) -> None:
+    print(f"canned completion streamed in {args.chunk}-token responses; {args.requests} requests per path and "
+          f"concurrency, {args.rounds} interleaved rounds; {os.cpu_count()} CPUs shared by client, front end and "
+          "Triton")
+    print(f"{'concurrency':>11}  {'direct p50':>10}  {'p99':>7}  {'front end p50':>13}  {'p99':>7}  "
+          f"{'added p50':>9}  {'added p99':>9}")
+    for c, s in results.items():
+        d50, d99 = _percentile(s.direct, 0.5), _percentile(s.direct, 0.99)
+        f50, f99 = _percentile(s.frontend, 0.5), _percentile(s.frontend, 0.99)
+        print(f"{c:>11}  {d50:>8.3f}ms  {d99:>5.3f}ms  {f50:>11.3f}ms  {f99:>5.3f}ms  {f50 - d50:>7.3f}ms  "
+              f"{f99 - d99:>7.3f}ms")
+    print("audit records were queued, not awaited (audit_wait=False); with audit_wait=True each answer also waits "
+          "for the audit log's fsync (group-committed), which this benchmark leaves out on purpose")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=400, help="measured requests per path and concurrency")
+    parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds per concurrency")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--chunk", type=int, default=8, help="tokens per streamed Triton response")
+    parser.add_argument("--max-tokens", type=int, default=1024)
+    parser.add_argument("--serve", help=argparse.SUPPRESS)  # internal: run a front end with these settings
+    args = parser.parse_args()
+    if args.serve:
+        from server.servicer import serve
+        from server.settings import ServerSettings
+
+        raw = json.loads(args.serve)
+        asyncio.run(serve(ServerSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})))
+        return
+    asyncio.run(_run(args))
+
+
+async def _run(args: argparse.Namespace) -> None:
+    from engine.vocab import load_harmony_encoding
+    from server.policy import load_policy
+    from server.registry import Registry
+    from server.triton_launcher import TritonConfig, TritonServer
+
+    encoding = load_harmony_encoding()
+
+    def encode(text: str) -> list[int]:
+        return encoding.encode(text, allowed_special="all")
+
+    fingerprint = "canned-model"
+    with tempfile.TemporaryDirectory(prefix="bench-frontend-") as tmp:
+        root = Path(tmp)
+        write_canned_model(root / "repo", [Script((), harmony_completion(encode, SAFE_ANALYSIS, SAFE_FINAL),
+                                                  chunk=args.chunk)], fingerprint=fingerprint)
+        Registry(root / "state").add(load_policy(POLICY_FILE), activate=True)
+        with TritonServer(TritonConfig(root / "repo")) as triton:
+            port = _free_port()
+            settings = {"listen": f"127.0.0.1:{port}", "triton_endpoints": [triton.grpc_url],
+                        "triton_model": "canned", "state_dir": str(root / "state"), "metrics_port": 0,
+                        "audit_wait": False, "log_level": "warning", "max_output_tokens": args.max_tokens}
+            process = _start_frontend(settings, root / "frontend.log")
+            try:
+                await _wait_serving(f"127.0.0.1:{port}")
+                results = await _measure(triton.grpc_url, f"127.0.0.1:{port}", fingerprint, "canned", args)
+            except RuntimeError:
+                print((root / "frontend.log").read_text()[-4000:], file=sys.stderr)
+                raise
+            finally:
+                process.terminate()
+                process.wait(30)
+    _report(results, args)
+
+
+if __name__ == "__main__":
+    main()

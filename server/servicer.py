@@ -1,0 +1,370 @@
+"""The gRPC face of the appliance: `safeguard.v1.Safeguard` on grpc.aio, with health, reflection and status mapping.
+
+A request is read top-down from here: the servicer turns protos into the core's types (`server.classifier`), the
+classifier resolves the policy, renders, routes and streams from Triton, and the servicer turns the result back
+into protos. Errors travel as `limits.ServiceError`; `StatusInterceptor` maps them to gRPC status codes (with a
+`retry-after-ms` trailer when there is a hint), and turns anything unexpected into INTERNAL naming the request id,
+so a client never sees a traceback and the log has it.
+
+Health (`grpc.health.v1`): the services "" and "safeguard.v1.Safeguard" are NOT_SERVING until the classifier is
+ready (Triton answers, active policies are warm) and follow it from then on; "liveness" is SERVING as long as the
+process answers at all (for probes that must not restart a front end merely because Triton is down). Server
+reflection lists every service, so generic tools (grpcurl, the reflection test) can call the API without our proto.
+
+`build_server(settings)` assembles everything and returns a `Frontend` whose `start`/`stop` are the lifecycle
+hooks; `serve(settings)` is the whole `appliance serve` main loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from engine.prompt import Chat, Content, PromptResponse, Text, Turn
+from engine.vocab import load_harmony_encoding
+from server import log as slog
+from server.audit import AuditLog
+from server.classifier import (
+    BatchJob,
+    BatchOutcome,
+    Classification,
+    Classifier,
+    ClassifyJob,
+    PolicyInfo,
+    ReasoningText,
+    Selector,
+)
+from server.generated.safeguard.v1 import safeguard_pb2 as pb
+from server.generated.safeguard.v1 import safeguard_pb2_grpc as pb_grpc
+from server.limits import InvalidArgument, ServiceError
+from server.metrics import Metrics, MetricsServer, serve_metrics
+from server.registry import Registry
+from server.settings import ServerSettings
+from server.verdict import EXTRA_MESSAGES, MALFORMED, MISSING_FINAL, OK, TRUNCATED, Verdict
+
+log = logging.getLogger("safeguard.servicer")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Safeguard"].full_name
+LIVENESS_SERVICE = "liveness"
+RETRY_AFTER_KEY = "retry-after-ms"
+_EFFORTS = {pb.REASONING_EFFORT_LOW: "low", pb.REASONING_EFFORT_MEDIUM: "medium", pb.REASONING_EFFORT_HIGH: "high"}
+_PARSE_STATUS = {OK: pb.PARSE_STATUS_OK, MALFORMED: pb.PARSE_STATUS_MALFORMED,
+                 MISSING_FINAL: pb.PARSE_STATUS_MISSING_FINAL, TRUNCATED: pb.PARSE_STATUS_TRUNCATED,
+                 EXTRA_MESSAGES: pb.PARSE_STATUS_EXTRA_MESSAGES}
+
+
+# -- protos in ----------------------------------------------------------------------------------------------------
+
+def effort_of(value: int) -> str | None:
+    if value == pb.REASONING_EFFORT_UNSPECIFIED:
+        return None
+    effort = _EFFORTS.get(value)
+    if effort is None:
+        raise InvalidArgument(f"reasoning_effort {value} is not a known value; use REASONING_EFFORT_LOW, "
+                              "REASONING_EFFORT_MEDIUM or REASONING_EFFORT_HIGH, or leave it unset for the "
+                              "policy's default")
+    return effort
+
+
+def content_of(message: pb.Content) -> Content:
+    kind = message.WhichOneof("kind")
+    if kind == "text":
+        return Text(message.text)
+    if kind == "prompt_response":
+        return PromptResponse(message.prompt_response.prompt, message.prompt_response.response)
+    if kind == "conversation":
+        return Chat(tuple(Turn(turn.role, turn.content) for turn in message.conversation.turns))
+    raise InvalidArgument("no content given: set content.text, content.prompt_response or content.conversation")
+
+
+def selector_of(message: pb.PolicySelector) -> Selector:
+    if message.WhichOneof("source") == "inline_text":
+        return Selector(inline_text=message.inline_text)
+    return Selector(ref=message.ref)
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+def _request_id(given: str) -> str:
+    request_id = given or slog.new_request_id()
+    slog.request_id_var.set(request_id)
+    return request_id
+
+
+# -- protos out ---------------------------------------------------------------------------------------------------
+
+def verdict_proto(v: Verdict) -> pb.Verdict:
+    message = pb.Verdict(parse_status=_PARSE_STATUS.get(v.status, pb.PARSE_STATUS_UNSPECIFIED),
+                         category=v.category or "", rule_ids=v.rule_ids, confidence=v.confidence or "",
+                         rationale=v.rationale or "", final_text=v.final_text, detail=v.detail)
+    if v.violation is not None:
+        message.violation = v.violation
+    return message
+
+
+def policy_proto(p: PolicyInfo) -> pb.PolicyVersion:
+    return pb.PolicyVersion(id=p.id, version=p.version, sha256=p.sha256, title=p.title, active=p.active,
+                            created_unix_ms=p.created_unix_ms, tokens=p.tokens)
+
+
+def response_proto(c: Classification) -> pb.ClassifyResponse:
+    u, t = c.usage, c.timings
+    return pb.ClassifyResponse(
+        request_id=c.request_id, verdict=verdict_proto(c.verdict), reasoning=c.reasoning,
+        policy=policy_proto(c.policy),
+        usage=pb.Usage(prompt_tokens=u.prompt_tokens, cached_prompt_tokens=u.cached_prompt_tokens,
+                       reasoning_tokens=u.reasoning_tokens, output_tokens=u.output_tokens),
+        timings=pb.Timings(queue_ms=t.queue_ms, time_to_first_token_ms=t.time_to_first_token_ms,
+                           time_to_verdict_ms=t.time_to_verdict_ms, total_ms=t.total_ms),
+        model_fingerprint=c.model_fingerprint, finish_reason=c.finish_reason)
+
+
+def batch_result_proto(o: BatchOutcome) -> pb.BatchResult:
+    if o.result is not None:
+        return pb.BatchResult(item_id=o.item_id, policy_ref=o.policy_ref, result=response_proto(o.result))
+    error = o.error or ServiceError("no result")
+    return pb.BatchResult(item_id=o.item_id, policy_ref=o.policy_ref,
+                          error=pb.ItemError(code=error.code, message=error.message))
+
+
+# -- the service ----------------------------------------------------------------------------------------------
+
+class SafeguardServicer(pb_grpc.SafeguardServicer):
+    def __init__(self, classifier: Classifier):
+        self.classifier = classifier
+
+    def _job(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> ClassifyJob:
+        arrival = time.perf_counter()
+        return ClassifyJob(selector_of(request.policy), content_of(request.content),
+                           effort_of(request.reasoning_effort), request.include_reasoning,
+                           _request_id(request.request_id), arrival, _deadline(context))
+
+    async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
+        return response_proto(await self.classifier.classify(self._job(request, context)))
+
+    async def ClassifyStream(self, request: pb.ClassifyRequest,
+                             context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ClassifyEvent]:
+        async for item in self.classifier.stream(self._job(request, context)):
+            if isinstance(item, ReasoningText):
+                yield pb.ClassifyEvent(reasoning=pb.ReasoningDelta(text=item.text))
+            else:
+                yield pb.ClassifyEvent(result=response_proto(item))
+
+    async def ClassifyBatch(self, request: pb.ClassifyBatchRequest,
+                            context: grpc.aio.ServicerContext) -> AsyncIterator[pb.BatchResult]:
+        arrival = time.perf_counter()
+        shared = [selector_of(s) for s in request.policies]
+        job = BatchJob([_batch_item(i, item, shared) for i, item in enumerate(request.items)],
+                       effort_of(request.reasoning_effort), request.include_reasoning,
+                       _request_id(request.request_id), arrival, _deadline(context))
+        async for outcome in self.classifier.batch(job):
+            yield batch_result_proto(outcome)
+
+    async def PutPolicy(self, request: pb.PutPolicyRequest, context: grpc.aio.ServicerContext) -> pb.PolicyVersion:
+        return policy_proto(await self.classifier.put_policy(request.text, request.activate))
+
+    async def GetPolicy(self, request: pb.GetPolicyRequest, context: grpc.aio.ServicerContext) -> pb.PolicyDocument:
+        info, text = await self.classifier.get_policy(request.ref)
+        return pb.PolicyDocument(version=policy_proto(info), text=text)
+
+    async def ListPolicies(self, request: pb.ListPoliciesRequest,
+                           context: grpc.aio.ServicerContext) -> pb.ListPoliciesResponse:
+        return pb.ListPoliciesResponse(policies=[policy_proto(p) for p in await self.classifier.list_policies()])
+
+    async def ActivatePolicy(self, request: pb.ActivatePolicyRequest,
+                             context: grpc.aio.ServicerContext) -> pb.PolicyVersion:
+        return policy_proto(await self.classifier.activate_policy(request.id, request.ref))
+
+    async def RollbackPolicy(self, request: pb.RollbackPolicyRequest,
+                             context: grpc.aio.ServicerContext) -> pb.PolicyVersion:
+        return policy_proto(await self.classifier.rollback_policy(request.id))
+
+
+def _batch_item(index: int, item: pb.BatchItem, shared: list[Selector]) -> tuple[str, Content | ServiceError,
+                                                                                   list[Selector]]:
+    """One item for the core; content it cannot use becomes that item's error instead of failing the batch."""
+    try:
+        content: Content | ServiceError = content_of(item.content)
+    except ServiceError as exc:
+        content = exc
+    return item.item_id or str(index), content, [selector_of(s) for s in item.policies] or shared
+
+
+# -- errors to status codes ---------------------------------------------------------------------------------------
+
+class StatusInterceptor(grpc.aio.ServerInterceptor):
+    """Maps exceptions from the handlers to gRPC statuses and logs each RPC's outcome with its request id."""
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+
+    async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails],
+                                                             Awaitable[grpc.RpcMethodHandler]],
+                                details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        found = self._wrapped.get(details.method)
+        if found is not None:
+            return found
+        handler = await continuation(details)
+        if handler is None:
+            return handler
+        if handler.unary_unary is not None:
+            wrapped = grpc.unary_unary_rpc_method_handler(
+                _guard_unary(handler.unary_unary, details.method), handler.request_deserializer,
+                handler.response_serializer)
+        elif handler.unary_stream is not None:
+            wrapped = grpc.unary_stream_rpc_method_handler(
+                _guard_stream(handler.unary_stream, details.method), handler.request_deserializer,
+                handler.response_serializer)
+        else:
+            wrapped = handler  # reflection's bidirectional stream: nothing of ours can raise in it
+        self._wrapped[details.method] = wrapped
+        return wrapped
+
+
+def _guard_unary(behavior: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Awaitable[Any]]:
+    async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        started = time.perf_counter()
+        try:
+            response = await behavior(request, context)
+        except Exception as exc:
+            await _fail(context, exc, method, started)
+        _done(method, "OK", started)
+        return response
+
+    return guarded
+
+
+def _guard_stream(behavior: Callable[..., AsyncIterator[Any]], method: str) -> Callable[..., AsyncIterator[Any]]:
+    async def guarded(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        started = time.perf_counter()
+        try:
+            async for response in behavior(request, context):
+                yield response
+        except Exception as exc:
+            await _fail(context, exc, method, started)
+        _done(method, "OK", started)
+
+    return guarded
+
+
+async def _fail(context: grpc.aio.ServicerContext, exc: Exception, method: str, started: float) -> NoReturn:
+    """Abort the RPC with the status `exc` stands for (re-raising an abort already under way)."""
+    if isinstance(exc, grpc.aio.AbortError):
+        raise exc
+    if isinstance(exc, ServiceError):
+        code, message = grpc.StatusCode[exc.code], exc.message
+        trailers = () if exc.retry_after_ms is None else ((RETRY_AFTER_KEY, str(exc.retry_after_ms)),)
+        _done(method, exc.code, started, error=message)
+    else:
+        request_id = slog.request_id_var.get() or "unknown"
+        log.exception("unexpected error", extra={"fields": {"method": method}})
+        code, trailers = grpc.StatusCode.INTERNAL, ()
+        message = f"internal error; the server log has the details under request id {request_id}"
+        _done(method, "INTERNAL", started, error=message)
+    await context.abort(code, message, trailers)
+
+
+def _done(method: str, code: str, started: float, error: str = "") -> None:
+    # Successes only at debug: the audit log already holds every decision, and a line per RPC costs latency.
+    level = logging.DEBUG if code == "OK" else logging.WARNING if code in ("INTERNAL", "UNAVAILABLE") \
+        else logging.INFO
+    slog.event(log, level, "rpc", method=method, code=code, ms=round((time.perf_counter() - started) * 1000, 3),
+               **({"error": error} if error else {}))
+
+
+# -- assembly and lifecycle ---------------------------------------------------------------------------------------
+
+@dataclass
+class Frontend:
+    """A built front end: call `start`, then `stop` (or use `serve`)."""
+
+    settings: ServerSettings
+    server: grpc.aio.Server
+    port: int  # the gRPC port actually bound (settings may ask for 0)
+    classifier: Classifier
+    health: health.aio.HealthServicer
+    metrics: Metrics
+    audit: AuditLog
+    metrics_server: MetricsServer | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.settings.listen.rpartition(':')[0]}:{self.port}"
+
+    async def start(self) -> None:
+        """Answer at once (live, NOT_SERVING), then probe Triton and warm policies; ready when that succeeds."""
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        self.classifier.on_readiness = self._readiness
+        await self.server.start()
+        self.metrics_server = serve_metrics(self.metrics, self.settings.metrics_address, self.settings.metrics_port)
+        await self.classifier.start()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop taking requests, let running ones finish within the grace period, flush the audit log."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.settings.grace_s if grace is None else grace)
+        await self.classifier.stop()
+        self.audit.close()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
+            self.metrics_server = None
+
+    async def _readiness(self, ready: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, status)
+
+
+def build_server(settings: ServerSettings) -> Frontend:
+    """Assemble the front end (call inside the event loop that will run it: grpc.aio binds to it)."""
+    settings.validate()
+    metrics = Metrics()
+    audit = AuditLog(settings.audit_path, store_rationale=settings.audit_store_rationale,
+                     store_content=settings.audit_store_content)
+    try:
+        encoding = load_harmony_encoding(Path(settings.model_dir).expanduser() if settings.model_dir else None)
+        classifier = Classifier(settings, Registry(settings.state_path), audit, metrics, encoding)
+    except BaseException:
+        audit.close()
+        raise
+    server = grpc.aio.server(interceptors=[StatusInterceptor()])
+    pb_grpc.add_SafeguardServicer_to_server(SafeguardServicer(classifier), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(settings.listen)
+    return Frontend(settings, server, port, classifier, health_servicer, metrics, audit)
+
+
+async def serve(settings: ServerSettings) -> None:
+    """Run a front end until SIGTERM or SIGINT, then shut down gracefully."""
+    slog.configure(settings.log_level)
+    frontend = build_server(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await frontend.start()
+    slog.event(log, logging.INFO, "serving", address=frontend.address, metrics_port=frontend.metrics_server.port
+               if frontend.metrics_server else None, endpoints=list(settings.triton_endpoints))
+    try:
+        await stop.wait()
+    finally:
+        slog.event(log, logging.INFO, "shutting down", grace_s=settings.grace_s)
+        await frontend.stop()
