@@ -12,10 +12,12 @@ import sys
 import click
 
 from appliance.quickstart import quickstart_command
+from build_scripts.cli import build_command
 from engine.cli import inspect_command, synth_command
 from engine.errors import ApplianceError
 from engine.profiles_cli import profiles_command
 from server.audit_cli import audit_group
+from server.client_cli import classify_command
 from server.policy_cli import policy_group
 
 
@@ -36,6 +38,8 @@ def main() -> None:
 
 
 main.add_command(audit_group)
+main.add_command(build_command)
+main.add_command(classify_command)
 main.add_command(inspect_command)
 main.add_command(policy_group)
 main.add_command(profiles_command)

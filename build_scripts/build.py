@@ -70,7 +70,7 @@ class BuildTarget:
 
 TARGETS = {
     "cpu": BuildTarget("cpu", executor="reference", device="cpu", instance_kind="KIND_CPU",
-                   description="transformers reference executor on the CPU (evaluation, tests, air-gapped demos)"),
+                       description="the transformers reference executor on the CPU (evaluation, tests, demos)"),
 }
 
 
@@ -93,7 +93,7 @@ def build(options: BuildOptions) -> BuildResult:
     if target is None:
         raise BuildError(f"unknown build target {options.target!r}; known: {', '.join(TARGETS)}")
     out = Path(options.out).absolute()
-    _check_out(out, options.force)  # before hours of hashing, not only after
+    _check_out(out, options.force)  # before minutes of hashing a large checkpoint, not only after
     model_dir = Path(options.model_dir).resolve()
     load_checkpoint(model_dir, for_serving=True)
     files = dict(iter_manifest(model_dir))

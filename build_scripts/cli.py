@@ -11,7 +11,7 @@ from build_scripts.build import DEFAULT_MAX_CONCURRENCY, DEFAULT_PREFIX_CACHE_BY
 
 @click.command("build")
 @click.option("--gpu", "target", type=click.Choice(list(TARGETS)), required=True,
-              help="Target hardware; 'cpu' serves with the transformers reference executor.")
+              help="Target hardware: " + "; ".join(f"{t.name}: {t.description}" for t in TARGETS.values()) + ".")
 @click.option("--model", "model_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Hugging Face checkpoint directory (weights, config, tokenizer and generation files).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,

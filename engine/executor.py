@@ -47,7 +47,8 @@ class GenerationRequest:
             raise RequestError("input_ids is empty")
         bad = [t for t in self.input_ids if not 0 <= t < vocab_size]
         if bad:
-            raise RequestError(f"input_ids has {len(bad)} id(s) outside the vocabulary [0, {vocab_size}), e.g. {bad[0]}")
+            raise RequestError(f"input_ids has {len(bad)} id(s) outside the vocabulary [0, {vocab_size}), "
+                               f"e.g. {bad[0]}")
         if self.max_tokens < 0:
             raise RequestError(f"max_tokens must be 0 or more, got {self.max_tokens}")
         if len(self.input_ids) + self.max_tokens > max_context:

@@ -84,7 +84,7 @@ class TrainConfig:
     warmup: int = 20
     quantized_steps: int = 60  # the last steps, with the experts held at their MXFP4 values
     negatives: int = 2048  # output tokens sampled per step into the softmax, besides the completion's own
-    threads: int = 2
+    threads: int = 1
 
 
 @dataclass(frozen=True)
@@ -186,36 +186,47 @@ def build_model(layers: int | None) -> torch.nn.Module:
 
 @dataclass(frozen=True)
 class Batch:
-    input_ids: torch.Tensor  # [B, T], right-padded
+    """The per-example part of the prompts (after the shared prefix) plus the completions, right-padded."""
+
+    input_ids: torch.Tensor  # [B, T]
     attention_mask: torch.Tensor  # [B, T]
     rows: torch.Tensor  # [N] batch index of each predicted position
     cols: torch.Tensor  # [N] position whose hidden state predicts the next token
     targets: torch.Tensor  # [N] index of the next token in the candidate list
 
 
-def make_batch(prompts: list[list[int]], completions: list[list[int]], index: Mapping[int, int]) -> Batch:
+def make_batch(tails: list[list[int]], completions: list[list[int]], index: Mapping[int, int]) -> Batch:
     import torch
 
-    seqs = [p + c for p, c in zip(prompts, completions, strict=True)]
+    seqs = [t + c for t, c in zip(tails, completions, strict=True)]
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), PAD, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     rows, cols, targets = [], [], []
-    for b, (prompt, seq) in enumerate(zip(prompts, seqs, strict=True)):
+    for b, (tail, seq) in enumerate(zip(tails, seqs, strict=True)):
         ids[b, :len(seq)] = torch.tensor(seq)
         mask[b, :len(seq)] = 1
-        for at in range(len(prompt), len(seq)):
+        for at in range(len(tail), len(seq)):
             rows.append(b)
             cols.append(at - 1)
             targets.append(index[seq[at]])
     return Batch(ids, mask, torch.tensor(rows), torch.tensor(cols), torch.tensor(targets))
 
 
-def batch_loss(model: torch.nn.Module, batch: Batch, candidates: torch.Tensor) -> torch.Tensor:
+def batch_loss(model: torch.nn.Module, prefix: torch.Tensor, batch: Batch, candidates: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of the completion tokens over `candidates` (the targets first, then sampled negatives)."""
+    import torch
     import torch.nn.functional as F
+    from transformers import DynamicCache
 
-    hidden = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    # The policy prefix is the same for every example: run it once and share its keys and values across the batch,
+    # exactly as serving does with a cached prefix. It is most of each prompt, so this saves most of the work.
+    cache = DynamicCache(config=model.config)
+    model.model(input_ids=prefix[None], past_key_values=cache, use_cache=True)
+    cache.batch_repeat_interleave(len(batch.input_ids))
+    mask = torch.cat([torch.ones(len(batch.input_ids), len(prefix), dtype=torch.long), batch.attention_mask], 1)
+    hidden = model.model(input_ids=batch.input_ids, attention_mask=mask, past_key_values=cache,
+                         use_cache=True).last_hidden_state
     # Gathering the output rows keeps the gradient sparse: only the candidates' rows move.
     rows = F.embedding(candidates, model.lm_head.weight, sparse=True)
     logits = hidden[batch.rows, batch.cols] @ rows.T
@@ -273,6 +284,7 @@ def _train(config: TrainConfig, log: bool) -> dict[str, np.ndarray]:
     index = {token: i for i, token in enumerate(outputs)}
     is_output = torch.zeros(VOCAB_SIZE, dtype=torch.bool)
     is_output[outputs] = True
+    prefix_ids = torch.tensor(prefix.ids)
 
     model = build_model(config.layers)
     model.train()
@@ -286,11 +298,11 @@ def _train(config: TrainConfig, log: bool) -> dict[str, np.ndarray]:
         if step == config.steps - config.quantized_steps:
             _quantize_experts_(model)
         examples = [make_example(rng, lists) for _ in range(config.batch_size)]
-        batch = make_batch([renderer.render(prefix, e.content).ids for e in examples],
+        batch = make_batch([renderer.render(prefix, e.content).ids[len(prefix.ids):] for e in examples],
                            [completions[e.violation] for e in examples], index)
         negatives = torch.randperm(VOCAB_SIZE, generator=sampler)[:config.negatives]
         candidates = torch.cat([torch.tensor(outputs), negatives[~is_output[negatives]]])
-        loss = batch_loss(model, batch, candidates)
+        loss = batch_loss(model, prefix_ids, batch, candidates)
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -39,8 +39,11 @@ from engine.errors import ApplianceError
 SHM_DIR = Path("/dev/shm")
 STUB_NAME = "triton_python_backend_stub"
 LOG_TAIL_LINES = 40
-STOP_GRACE_S = 15.0
+STOP_MARGIN_S = 10.0  # beyond the exit timeout, for unloading models (freeing a GPU takes seconds)
 ORPHAN_GRACE_S = 2.0
+# Triton 2.51 neither cancels the decoupled requests in flight at shutdown nor unloads their model while one is
+# open, so a stream still open at shutdown holds the server up for good once it has logged this.
+EXIT_TIMEOUT_EXPIRED = "Exit timeout expired. Exiting immediately."
 POLL_S = 0.05
 
 
@@ -86,8 +89,8 @@ class TritonConfig:
     http_port: int = 0
     metrics_port: int = 0
     log_verbose: int = 0
-    # On stop, in-flight requests get this long to finish before the models are unloaded (and their finalize
-    # cancels the rest); kept well inside STOP_GRACE_S so a busy server still stops gracefully.
+    # On stop, Triton gives in-flight requests this long before it unloads the models. Streams still open then
+    # keep it from exiting (see EXIT_TIMEOUT_EXPIRED), so whoever sends them should end or cancel them first.
     exit_timeout_s: int = 5
     extra_args: tuple[str, ...] = ()
     workdir: Path | None = None  # backends copy and log; None: a temporary directory removed by stop()
@@ -185,29 +188,41 @@ class TritonServer:
                 raise TritonError(f"tritonserver was not ready after {timeout:.0f} s; its log ends:\n{self.log_tail()}")
             time.sleep(POLL_S)
 
+    def _log_after(self, offset: int) -> str:
+        try:
+            with self.log_path.open("rb") as log:
+                log.seek(offset)
+                return log.read().decode(errors="replace")
+        except OSError:
+            return ""
+
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
         """The end of the log without the server's options table, which would push the models' errors out."""
         return "\n".join(_without_options_table(self.log_text().splitlines())[-lines:])
 
-    def stop(self, grace: float = STOP_GRACE_S) -> int | None:
+    def stop(self, grace: float | None = None) -> int | None:
         """Stop the server and its stubs, remove its shared memory (and its working directory if temporary);
-        returns the server's exit status. Safe to call twice and after a crash."""
+        returns the server's exit status (negative: the signal that ended it). Safe to call twice and after a crash.
+
+        SIGTERM goes to the server alone: it waits for in-flight requests (the exit timeout), unloads its models
+        (their finalize runs) and ends its stubs. If it is still there after `grace` (default: the exit timeout plus
+        STOP_MARGIN_S), or it reports the exit timeout expired, the whole process group is killed."""
         process, self.process = self.process, None
         status = None
         if process is not None:
             pgid = process.pid  # the leader of its own session
-            # The server alone gets SIGTERM: it unloads its models (their finalize runs) and ends its stubs.
+            grace = self.config.exit_timeout_s + STOP_MARGIN_S if grace is None else grace
+            logged = self.log_path.stat().st_size if self.log_path.exists() else 0
             with contextlib.suppress(ProcessLookupError):
                 process.send_signal(signal.SIGTERM)
-            try:
-                status = process.wait(grace)
-            except subprocess.TimeoutExpired:
+            _wait_until(lambda: process.poll() is not None or EXIT_TIMEOUT_EXPIRED in self._log_after(logged), grace)
+            if process.poll() is None:
                 _signal_group(pgid, signal.SIGKILL)
-                status = process.wait()
+            status = process.wait()
             # A stub outlives a server that crashed or was killed; without its server it has nothing left to do.
             if not _wait_until(lambda: not group_members(pgid), ORPHAN_GRACE_S):
                 _signal_group(pgid, signal.SIGKILL)
-                if not _wait_until(lambda: not group_members(pgid), grace):
+                if not _wait_until(lambda: not group_members(pgid), STOP_MARGIN_S):
                     raise TritonError(f"processes {group_members(pgid)} of tritonserver {pgid} survived SIGKILL")
         if self.shm_prefix:
             for segment in SHM_DIR.glob(f"{self.shm_prefix}*"):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 from engine.executor import GenerationChunk, GenerationRequest, RequestError, SamplingParams
 from engine.prefix_cache import PrefixStore
@@ -36,23 +37,32 @@ def settings_for(checkpoint: Path, dtype: str, **extra) -> EngineSettings:
     return EngineSettings("reference", str(checkpoint), "test-fingerprint", dtype=dtype, **extra)
 
 
+_LOADED: list[ReferenceExecutor] = []
+
+
+def load_executor(checkpoint: Path, dtype: str, **extra) -> ReferenceExecutor:
+    executor = ReferenceExecutor(settings_for(checkpoint, dtype, **extra))
+    _LOADED.append(executor)
+    return executor
+
+
 @pytest.fixture(scope="module")
 def fp32() -> ReferenceExecutor:
-    executor = ReferenceExecutor(settings_for(cached_checkpoint("smoke", tokenizer=False), "float32"))
+    executor = load_executor(cached_checkpoint("smoke", tokenizer=False), "float32")
     yield executor
     asyncio.run(executor.close())
 
 
 @pytest.fixture(scope="module")
 def bf16() -> ReferenceExecutor:
-    executor = ReferenceExecutor(settings_for(cached_checkpoint("smoke", tokenizer=False), "bfloat16"))
+    executor = load_executor(cached_checkpoint("smoke", tokenizer=False), "bfloat16")
     yield executor
     asyncio.run(executor.close())
 
 
 @pytest.fixture(scope="module")
 def mid32() -> ReferenceExecutor:
-    executor = ReferenceExecutor(settings_for(cached_checkpoint("mid", tokenizer=False), "float32"))
+    executor = load_executor(cached_checkpoint("mid", tokenizer=False), "float32")
     yield executor
     asyncio.run(executor.close())
 
@@ -67,12 +77,11 @@ def policy_body(name: str) -> str:
 
 
 @pytest.fixture(autouse=True)
-def fresh_store(request, monkeypatch):
-    """Each test starts from an empty prefix store, so cold and warm are the test's own doing."""
-    for name in ("fp32", "bf16", "mid32"):
-        if name in request.fixturenames:
-            executor = request.getfixturevalue(name)
-            monkeypatch.setattr(executor, "store", PrefixStore(executor.settings.prefix_cache_bytes))
+def fresh_store(monkeypatch):
+    """Each test starts from empty prefix stores, so cold and warm are the test's own doing (executors a test
+    loads for the first time start empty anyway)."""
+    for executor in _LOADED:
+        monkeypatch.setattr(executor, "store", PrefixStore(executor.settings.prefix_cache_bytes))
 
 
 def prompt(renderer: PromptRenderer, content: Text = SHORT, policy: str = "spam-scams",
@@ -146,8 +155,10 @@ class ForwardSpy:
 
 
 def reference_logits(executor: ReferenceExecutor, ids: list[int]) -> torch.Tensor:
+    """The last position's logits computed from scratch, in one forward over the whole sequence."""
     with torch.inference_mode():
-        full = executor.model(input_ids=torch.tensor([ids]), use_cache=False)
+        full = executor.model(input_ids=torch.tensor([ids]), cache=DynamicCache(config=executor.config),
+                              logits_to_keep=1)
     return full.logits[0, -1].float()
 
 
@@ -415,7 +426,7 @@ def test_small_budget_keeps_the_pinned_policy_and_never_overflows(fp32, renderer
 
 def test_close_cancels_running_requests_and_refuses_new_ones(renderer):
     executor = ReferenceExecutor(settings_for(cached_checkpoint("smoke", tokenizer=False), "float32",
-                                              max_concurrency=1))
+                                              max_concurrency=1))  # not in _LOADED: it is closed here
     ids, _ = prompt(renderer)
 
     async def scenario() -> tuple[list[GenerationChunk], list[GenerationChunk]]:
@@ -452,7 +463,7 @@ def test_close_cancels_running_requests_and_refuses_new_ones(renderer):
     (dict(sampling=SamplingParams(temperature=1.0, seed=2**64)), "seed must be within"),
 ])
 def test_invalid_requests_are_refused_before_streaming(fp32, change, message):
-    fields = dict(request_id="bad", input_ids=(1, 2, 3), max_tokens=4, **change)
+    fields = {"request_id": "bad", "input_ids": (1, 2, 3), "max_tokens": 4, **change}
     before = fp32.stats()
     with pytest.raises(RequestError, match=message):
         fp32.generate(GenerationRequest(**fields))
