@@ -63,7 +63,8 @@ def _contains(haystack, needle):
 class TritonPythonModel:
     def initialize(self, args):
         self._dir = Path(args["model_repository"]) / args["model_version"]
-        self._scripts = json.loads((self._dir / "canned.json").read_text())
+        settings = json.loads((self._dir / "canned.json").read_text())
+        self._scripts, self._log_requests = settings["scripts"], settings["log_requests"]
         self._seen = set()  # prefixes "cached" so far, as an executor's prefix cache would report them
         self._lock = threading.Lock()
 
@@ -92,9 +93,10 @@ class TritonPythonModel:
             if prefix_len:
                 self._seen.add(key)
         budget = arrays["max_tokens"][0]
-        self._log("requests.log", json.dumps({"id": request_id, "prompt": len(ids), "prefix_len": prefix_len,
-                                             "priority": arrays.get("prefix_priority", [None])[0],
-                                             "max_tokens": budget}))
+        if self._log_requests:
+            self._log("requests.log", json.dumps({"id": request_id, "prompt": len(ids), "prefix_len": prefix_len,
+                                                 "priority": arrays.get("prefix_priority", [None])[0],
+                                                 "max_tokens": budget}))
         script = next((s for s in self._scripts if _contains(ids[prefix_len:], s["marker"])), self._scripts[-1])
         if script["error"]:
             sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(script["error"])),
@@ -159,14 +161,15 @@ def _tensors(specs: Sequence[TensorSpec]) -> str:
 
 
 def write_canned_model(repo: Path, scripts: Sequence[Script], *, name: str = "canned",
-                       fingerprint: str = "canned-model") -> CannedModel:
-    """Add the canned model to a Triton repository; its config names `fingerprint` as the front end expects."""
+                       fingerprint: str = "canned-model", log_requests: bool = True) -> CannedModel:
+    """Add the canned model to a Triton repository; its config names `fingerprint` as the front end expects.
+    With `log_requests` each request's tensors are appended to requests.log (tests read it; a benchmark should not
+    pay for file appends that stall behind the audit log's fsyncs on the same disk)."""
     version = Path(repo) / name / "1"
     version.mkdir(parents=True, exist_ok=True)
     (version / "model.py").write_text(CANNED_MODEL)
-    (version / "canned.json").write_text(json.dumps([asdict(s) | {"marker": list(s.marker),
-                                                                  "completion": list(s.completion)}
-                                                     for s in scripts]))
+    scripted = [asdict(s) | {"marker": list(s.marker), "completion": list(s.completion)} for s in scripts]
+    (version / "canned.json").write_text(json.dumps({"scripts": scripted, "log_requests": log_requests}))
     (version.parent / "config.pbtxt").write_text(
         f'name: "{name}"\nbackend: "python"\nmax_batch_size: 0\nmodel_transaction_policy {{ decoupled: true }}\n'
         f"input [\n{_tensors(INPUTS)}\n]\noutput [\n{_tensors(OUTPUTS)}\n]\n"
@@ -329,7 +332,8 @@ async def _run(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-frontend-") as tmp:
         root = Path(tmp)
         write_canned_model(root / "repo", [Script((), harmony_completion(encode, SAFE_ANALYSIS, SAFE_FINAL),
-                                                  chunk=args.chunk)], fingerprint=fingerprint)
+                                                  chunk=args.chunk)], fingerprint=fingerprint,
+                           log_requests=False)
         Registry(root / "state").add(load_policy(POLICY_FILE), activate=True)
         with TritonServer(TritonConfig(root / "repo")) as triton:
             port = _free_port()

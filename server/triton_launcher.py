@@ -17,6 +17,7 @@ segments a crashed server or stub leaves in /dev/shm are found and removed witho
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import os
 import secrets
@@ -50,6 +51,16 @@ POLL_S = 0.05
 class TritonError(ApplianceError):
     """tritonserver could not be found, started or made ready."""
 
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: the kernel SIGKILLs tritonserver if its owner dies without stopping it
+    (the server has its own session, so a killed owner would otherwise leave it running). The signal follows the
+    thread that started the server, so start it from a thread that lives as long as the server should."""
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 @dataclass(frozen=True)
 class TritonInstall:
@@ -165,7 +176,8 @@ class TritonServer:
             with self.log_path.open("wb") as log:
                 self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log,
                                                 stderr=subprocess.STDOUT, env=_environment(install),
-                                                cwd=self.workdir, start_new_session=True)
+                                                cwd=self.workdir, start_new_session=True,
+                                                preexec_fn=_die_with_parent)
             self.wait_ready(timeout)
         except BaseException:
             self.stop()
@@ -266,7 +278,8 @@ def tritonserver_version() -> str | None:
         command = [str(install.binary), f"--model-repository={empty}", "--model-control-mode=explicit",
                    "--allow-http=false", "--allow-grpc=false", "--allow-metrics=false"]
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, env=_environment(install), start_new_session=True)
+                                   stderr=subprocess.STDOUT, env=_environment(install), start_new_session=True,
+                                   preexec_fn=_die_with_parent)
         try:
             assert process.stdout is not None
             for raw in process.stdout:

@@ -154,12 +154,16 @@ class ForwardSpy:
         return taken
 
 
-def reference_logits(executor: ReferenceExecutor, ids: list[int]) -> torch.Tensor:
-    """The last position's logits computed from scratch, in one forward over the whole sequence."""
+def reference_logits(executor: ReferenceExecutor, ids: tuple[int, ...], tokens: list[int]) -> list[torch.Tensor]:
+    """Logits for each generated position without the prefix store: the whole prompt in one forward on a fresh
+    cache, then the generated tokens one at a time (what `model.generate` does)."""
+    cache = DynamicCache(config=executor.config)
+    steps = []
     with torch.inference_mode():
-        full = executor.model(input_ids=torch.tensor([ids]), cache=DynamicCache(config=executor.config),
-                              logits_to_keep=1)
-    return full.logits[0, -1].float()
+        for chunk in [list(ids), *[[t] for t in tokens[:-1]]]:
+            out = executor.model(input_ids=torch.tensor([chunk]), cache=cache, logits_to_keep=1)
+            steps.append(out.logits[0, -1].float())
+    return steps
 
 
 def wait_idle(executor: ReferenceExecutor) -> dict[str, float]:
@@ -215,11 +219,10 @@ def test_warm_prefix_gives_the_uncached_logits(request, renderer, monkeypatch, m
         assert [c.length for c in calls] == [*prefill, *[1] * (max_tokens - 1)]
         tokens = tokens_of(chunks)
         assert len(tokens) == max_tokens
-        step_calls = calls[len(prefill) - 1:]
-        for step, call in enumerate(step_calls):
-            expected = reference_logits(executor, [*ids, *tokens[:step]])
-            assert torch.allclose(call.logits, expected, atol=1e-4, rtol=0), (n, step)
-            assert int(torch.argmax(expected)) == tokens[step]
+        expected = reference_logits(executor, ids, tokens)
+        for step, call in enumerate(calls[len(prefill) - 1:]):  # the calls whose logits chose each token
+            assert torch.allclose(call.logits, expected[step], atol=1e-4, rtol=0), (n, step)
+            assert int(torch.argmax(expected[step])) == tokens[step]
     assert tokens_of(results[0][1]) == tokens_of(results[1][1])
 
 

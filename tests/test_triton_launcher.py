@@ -8,6 +8,8 @@ import ipaddress
 import os
 import queue
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -201,3 +203,25 @@ def test_extra_args_reach_the_server(tmp_path):
                if len(cells := [c.strip() for c in line.split("|")]) > 3}
     assert options["exit_timeout"] == "7"
     assert options["pinned_memory_pool_byte_size"] == "0"
+
+
+def test_server_dies_with_an_owner_that_is_killed(tmp_path):
+    repository = write_echo_repository(tmp_path / "repo")
+    owner = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from server.triton_launcher import TritonConfig, TritonServer; "
+         f"s = TritonServer(TritonConfig(repository={str(repository)!r})); s.start(120); "
+         "print(s.process.pid, flush=True); time.sleep(600)"],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+    try:
+        server_pid = int(owner.stdout.readline())
+        owner.kill()  # no chance to stop the server itself
+        owner.wait()
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{server_pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        alive = Path(f"/proc/{server_pid}").exists() and "zombie" not in Path(
+            f"/proc/{server_pid}/status").read_text().lower()
+        assert not alive, "tritonserver outlived the process that started it"
+    finally:
+        owner.kill()
