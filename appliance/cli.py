@@ -19,6 +19,7 @@ from engine.profiles_cli import profiles_command
 from server.audit_cli import audit_group
 from server.client_cli import classify_command
 from server.policy_cli import policy_group
+from server.serve_cli import serve_command
 
 
 class ApplianceGroup(click.Group):
@@ -44,4 +45,5 @@ main.add_command(inspect_command)
 main.add_command(policy_group)
 main.add_command(profiles_command)
 main.add_command(quickstart_command)
+main.add_command(serve_command)
 main.add_command(synth_command)

@@ -1,80 +1,150 @@
-"""`appliance quickstart`: the main job on a CPU, end to end over what exists so far.
+"""`appliance quickstart`: the whole stack on this CPU, from nothing to real verdicts, then a clean stop.
 
-It synthesizes the smoke checkpoint (a tiny gpt-oss with the real vocabulary and layout, cached after the first
-run), checks it like any checkpoint, loads the harmony tokenizer offline from it, renders classification prompts for
-a bundled policy, generates with transformers on the CPU and parses the completion into a verdict. The smoke weights
-are random here, so the verdicts are parse failures by design: this is a fixture and a demo, not a classifier.
+1. the smoke checkpoint: a tiny gpt-oss with the real vocabulary and layout, trained once (cached) to answer the
+   bundled smoke policy in well-formed harmony. It is a fixture and a demo, not a classifier;
+2. `appliance build --gpu cpu`: a Triton model repository for the reference executor;
+3. a supervised tritonserver on that repository and the gRPC front end, both on 127.0.0.1 with free ports;
+4. the smoke policy registered and activated over the API (its prefix is warmed), then examples classified:
+   one by one (the second request of a policy is served from the prefix cache) and as one batch;
+5. everything stopped, nothing left running.
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
-from engine.checkpoint import check_checkpoint, format_report
-from engine.harmony_parse import parse_completion
-from engine.prompt import STOP_TOKEN_IDS, Chat, PromptRenderer, PromptResponse, Text, Turn
-from engine.vocab import default_cache_dir, load_harmony_encoding
-from server.policy import load_policy
-from server.verdict import parse_verdict
+from engine.vocab import default_cache_dir
 
-POLICY_FILE = Path(__file__).resolve().parents[1] / "policies" / "spam-scams.md"
-EXAMPLES = (
-    Text("CONGRATULATIONS!!! You won a $1,000 gift card. Claim now at http://prize.example.com before midnight!"),
-    PromptResponse("Can you recommend a budgeting app?", "Many people like spreadsheet templates; your bank's own "
-                   "app may also have budgeting tools."),
-    Chat((Turn("user", "Is this message legit? 'Your parcel is held, pay a $2 fee at parcel-help.example.net'"),
-          Turn("assistant", "That looks like a delivery scam; don't pay or click the link."))),
-)
+REPO_ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE_IDS = ("smoke-001", "smoke-002", "smoke-003")  # then one of each other content kind from the golden set
 
 
-def smoke_model_dir(cache_dir: Path) -> Path:
-    """The synthetic smoke checkpoint, written once into the cache."""
+def policy_dir() -> Path:
+    return Path(os.environ.get("APPLIANCE_POLICY_DIR", REPO_ROOT / "policies"))
+
+
+@dataclass(frozen=True)
+class Example:
+    item_id: str
+    content: object  # what server.client accepts: str, (prompt, response) or [(role, text), ...]
+    expected: bool
+
+
+def examples() -> list[Example]:
+    import json
+
+    items = [json.loads(line) for line in (policy_dir() / "smoke.golden.jsonl").read_text().splitlines() if line]
+    chosen = [i for i in items if i["id"] in EXAMPLE_IDS]
+    for kind in ("prompt_response", "conversation"):
+        chosen += [i for i in items if i["kind"] == kind][:2]
+    return [Example(i["id"], _client_content(i["kind"], i["content"]), bool(i["violation"])) for i in chosen]
+
+
+def _client_content(kind: str, raw):
+    if kind == "text":
+        return raw
+    if kind == "prompt_response":
+        return (raw["prompt"], raw["response"])
+    return [(t["role"], t["content"]) for t in raw]
+
+
+def _step(message: str) -> float:
+    click.echo(click.style(f"==> {message}", bold=True))
+    return time.perf_counter()
+
+
+def prepare(work: Path) -> Path:
+    """Synthesize (or reuse) the trained smoke model and build its CPU repository; returns the repository."""
+    from build_scripts.build import BuildOptions, build
     from engine.synth import synthesize
 
-    target = cache_dir / "models" / "smoke-seed0"
-    if not (target / "config.json").is_file():
-        partial = target.with_name(target.name + ".partial")
-        synthesize("smoke", partial, seed=0)
-        partial.rename(target)
-    return target
+    t0 = _step("smoke model (a fixture and demo, not a classifier): synthesize, trained once and cached")
+    model = work / "model"
+    synthesize("smoke", model, train=True)
+    click.echo(f"    {model} ready in {time.perf_counter() - t0:.1f} s")
+    t0 = _step("appliance build --gpu cpu: Triton model repository for the reference executor")
+    result = build(BuildOptions(target="cpu", model_dir=model, out=work / "repo", force=True))
+    click.echo(f"    {result.repository} (model fingerprint {result.settings.model_fingerprint[:16]}) "
+               f"in {time.perf_counter() - t0:.1f} s")
+    return result.repository
+
+
+def _print_result(example: Example, response, seconds: float) -> None:
+    verdict = response.verdict
+    got = verdict.violation if verdict.HasField("violation") else None
+    mark = "matches" if got == example.expected else "differs from"
+    click.echo(f"  {example.item_id:<10} violation={got!s:<5} ({mark} the label) category={verdict.category or '-'}"
+               f"  prompt {response.usage.prompt_tokens} tokens, {response.usage.cached_prompt_tokens} cached,"
+               f" {response.usage.output_tokens} generated, first token {response.timings.time_to_first_token_ms:.0f}"
+               f" ms, total {seconds * 1000:.0f} ms")
+    if response.reasoning:
+        click.echo(f"             reasoning: {response.reasoning.strip()}")
+
+
+async def _run(repository: Path, state: Path) -> int:
+    from server.client import SafeguardClient
+    from server.servicer import build_server
+    from server.settings import ServerSettings
+    from server.supervisor import SupervisorConfig, TritonSupervisor
+
+    t0 = _step("tritonserver (supervised) and the gRPC front end on 127.0.0.1")
+    supervisor = TritonSupervisor(SupervisorConfig(repository))
+    url = await asyncio.to_thread(supervisor.start)
+    settings = ServerSettings(listen="127.0.0.1:0", metrics_port=0, triton_endpoints=(url,), state_dir=str(state),
+                              model_repository=str(repository), max_output_tokens=96).validate()
+    frontend = build_server(settings)
+    mismatches = 0
+    try:
+        await frontend.start()
+        click.echo(f"    Triton {url}, API {frontend.address}, metrics port {frontend.metrics_server.port} "
+                   f"in {time.perf_counter() - t0:.1f} s")
+        client = SafeguardClient(frontend.address, timeout=120)
+
+        _step("register and activate the smoke policy (its prefix is warmed on Triton)")
+        version = await asyncio.to_thread(client.put_policy, (policy_dir() / "smoke.md").read_text(), activate=True)
+        click.echo(f"    {version.id}@{version.version} sha256 {version.sha256[:12]}, {version.tokens} tokens")
+
+        _step("Classify, one request at a time")
+        for example in examples():
+            started = time.perf_counter()
+            response = await asyncio.to_thread(client.classify, "smoke", example.content, include_reasoning=True)
+            _print_result(example, response, time.perf_counter() - started)
+            mismatches += (response.verdict.violation if response.verdict.HasField("violation") else None) \
+                != example.expected
+
+        _step("ClassifyBatch: the same examples at once")
+        started = time.perf_counter()
+        results = await asyncio.to_thread(lambda: list(client.classify_batch([e.content for e in examples()],
+                                                                             ["smoke"])))
+        ok = sum(1 for r in results if r.HasField("result"))
+        click.echo(f"    {ok}/{len(results)} answered in {(time.perf_counter() - started) * 1000:.0f} ms")
+        client.close()
+    finally:
+        t0 = _step("stop: drain the front end, then Triton")
+        await frontend.stop(grace=5)
+        await asyncio.to_thread(supervisor.stop)
+        click.echo(f"    stopped in {time.perf_counter() - t0:.1f} s")
+    return mismatches
 
 
 @click.command("quickstart")
-@click.option("--max-tokens", type=click.IntRange(1, 512), default=48, help="Generation budget per example.")
-def quickstart_command(max_tokens: int) -> None:
-    """Synthesize the smoke model, check it, render prompts and classify examples on this CPU."""
+@click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where the model and repository go [default: <cache>/quickstart].")
+def quickstart_command(work_dir: Path | None) -> None:
+    """Run the whole appliance on this CPU with the smoke model and print real verdicts."""
     started = time.perf_counter()
-    model_dir = smoke_model_dir(default_cache_dir())
-    report = check_checkpoint(model_dir, for_serving=True)
-    click.echo(format_report(report))
-    if not report.ok:
-        raise click.ClickException("the smoke checkpoint failed its checks")
-
-    encoding = load_harmony_encoding(model_dir)
-    policy = load_policy(POLICY_FILE)
-    renderer = PromptRenderer(encoding, model_fingerprint=f"smoke:{report.disk_bytes}")
-    prefix = renderer.prefix(policy.body, policy.reasoning_effort)
-    click.echo(f"\npolicy {policy.id} {policy.version} (sha256 {policy.sha256[:12]}): prefix {len(prefix.ids)} "
-               f"tokens, cache key {prefix.key[:16]}")
-
-    import torch
-    from transformers import AutoModelForCausalLM, Mxfp4Config
-
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, quantization_config=Mxfp4Config(dequantize=True), dtype=torch.bfloat16)
-    click.echo("model: smoke preset, random weights (a fixture, not a classifier); transformers on the CPU\n")
-    for content in EXAMPLES:
-        prompt = renderer.render(prefix, content)
-        t0 = time.perf_counter()
-        out = model.generate(torch.tensor([prompt.ids]), max_new_tokens=max_tokens, do_sample=False,
-                             eos_token_id=list(STOP_TOKEN_IDS), pad_token_id=199999)
-        completion = out[0, len(prompt.ids):].tolist()
-        finish = "stop" if completion and completion[-1] in STOP_TOKEN_IDS else "length"
-        verdict = parse_verdict(parse_completion(completion, encoding.decode), policy.output, finish)
-        click.echo(f"{type(content).__name__:<15} prompt {len(prompt.ids)} tokens (prefix {prompt.prefix_len}), "
-                   f"{len(completion)} generated in {time.perf_counter() - t0:.2f} s, finish {finish}")
-        click.echo(f"  verdict: status {verdict.status}, violation {verdict.violation}  ({verdict.detail})")
-    click.echo(f"\ndone in {time.perf_counter() - started:.1f} s")
+    work = work_dir or default_cache_dir() / "quickstart"
+    work.mkdir(parents=True, exist_ok=True)
+    repository = prepare(work)
+    with tempfile.TemporaryDirectory(prefix="safeguard-quickstart-") as state:
+        mismatches = asyncio.run(_run(repository, Path(state)))
+    click.echo(f"\ndone in {time.perf_counter() - started:.1f} s; {mismatches} verdict(s) differ from the labels. "
+               "The smoke model is a fixture and demo, not a classifier: serve a real gpt-oss-safeguard checkpoint "
+               "for real decisions (docs/build.md).")

@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -180,15 +181,25 @@ def write_canned_model(repo: Path, scripts: Sequence[Script], *, name: str = "ca
 
 # -- the measurement ----------------------------------------------------------------------------------------------
 
+RAW, TRITONCLIENT, FRONTEND = "direct, raw KServe stubs", "direct, tritonclient.grpc.aio", "front end Classify"
+
+
 @dataclass
-class Samples:
-    direct: list[float] = field(default_factory=list)
-    frontend: list[float] = field(default_factory=list)
+class PathResult:
+    latencies_ms: list[float] = field(default_factory=list)
+    client_cpu_s: float = 0.0  # this process's CPU time spent on the path
+    frontend_cpu_s: float = 0.0  # the front end process's CPU time while the path ran
 
 
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _process_cpu_s(pid: int) -> float:
+    """utime + stime of a process, from /proc."""
+    fields_ = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields_[11]) + int(fields_[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def _closed_loop(call: Callable[[int], Awaitable[None]], requests: int, concurrency: int) -> list[float]:
@@ -210,9 +221,11 @@ def _texts(count: int) -> list[str]:
     return [f"Message {i}: a short note about {subjects[i % len(subjects)]}, nothing more." for i in range(count)]
 
 
-async def _measure(triton_url: str, frontend_url: str, fingerprint: str, model: str, args: argparse.Namespace
-                   ) -> dict[int, Samples]:
+async def _measure(triton_url: str, frontend_url: str, frontend_pid: int, fingerprint: str, model: str,
+                   args: argparse.Namespace) -> dict[int, dict[str, PathResult]]:
     import grpc
+    import numpy as np
+    import tritonclient.grpc.aio as tritonclient
 
     from engine.prompt import PromptRenderer, Text
     from engine.vocab import load_harmony_encoding
@@ -228,28 +241,53 @@ async def _measure(triton_url: str, frontend_url: str, fingerprint: str, model: 
     prompts = [renderer.render(prefix, Text(t)) for t in texts]
     requests = [pb.ClassifyRequest(policy=pb.PolicySelector(ref=policy.id), content=pb.Content(text=t)) for t in texts]
     endpoint = TritonEndpoint(triton_url, model)
+    triton_client = tritonclient.InferenceServerClient(triton_url)
     channel = grpc.aio.insecure_channel(frontend_url)
     stub = pb_grpc.SafeguardStub(channel)
 
-    async def direct(i: int) -> None:
+    async def raw(i: int) -> None:
         p = prompts[i % len(prompts)]
         request = GenerateRequest(p.ids, args.max_tokens, p.prefix_len, 90)
         async with contextlib.aclosing(endpoint.generate(request, 30.0)) as chunks:
             async for _ in chunks:
                 pass
 
+    async def via_tritonclient(i: int) -> None:
+        p = prompts[i % len(prompts)]
+        inputs = []
+        for name, values in (("input_ids", p.ids), ("max_tokens", [args.max_tokens]), ("prefix_len", [p.prefix_len]),
+                             ("prefix_priority", [90])):
+            tensor = tritonclient.InferInput(name, [len(values)], "INT32")
+            tensor.set_data_from_numpy(np.asarray(values, dtype=np.int32))
+            inputs.append(tensor)
+
+        async def one_request():
+            yield {"model_name": model, "inputs": inputs, "enable_empty_final_response": True}
+
+        async for result, error in triton_client.stream_infer(one_request(), stream_timeout=30.0):
+            if error is not None:
+                raise error
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                break
+
     async def frontend(i: int) -> None:
         await stub.Classify(requests[i % len(requests)], timeout=30.0)
 
-    results = {c: Samples() for c in args.concurrency}
+    paths = {RAW: raw, TRITONCLIENT: via_tritonclient, FRONTEND: frontend}
+    results = {c: {name: PathResult() for name in paths} for c in args.concurrency}
     for c in args.concurrency:
-        await _closed_loop(direct, args.warmup, c)
-        await _closed_loop(frontend, args.warmup, c)
+        for call in paths.values():
+            await _closed_loop(call, args.warmup, c)
         per_round = max(1, args.requests // args.rounds)
         for _ in range(args.rounds):
-            results[c].direct += await _closed_loop(direct, per_round, c)
-            results[c].frontend += await _closed_loop(frontend, per_round, c)
+            for name, call in paths.items():
+                result = results[c][name]
+                cpu, frontend_cpu = time.process_time(), _process_cpu_s(frontend_pid)
+                result.latencies_ms += await _closed_loop(call, per_round, c)
+                result.client_cpu_s += time.process_time() - cpu
+                result.frontend_cpu_s += _process_cpu_s(frontend_pid) - frontend_cpu
     await channel.close()
+    await triton_client.close()
     await endpoint.close()
     return results
 
@@ -282,19 +320,24 @@ async def _wait_serving(address: str, timeout: float = 60.0) -> None:
     raise RuntimeError(f"the front end at {address} did not become ready in {timeout:.0f} s")
 
 
-def _report(results: dict[int, Samples], args: argparse.Namespace) -> None:
+def _report(results: dict[int, dict[str, PathResult]], args: argparse.Namespace) -> None:
     print(f"canned completion streamed in {args.chunk}-token responses; {args.requests} requests per path and "
           f"concurrency, {args.rounds} interleaved rounds; {os.cpu_count()} CPUs shared by client, front end and "
-          "Triton")
-    print(f"{'concurrency':>11}  {'direct p50':>10}  {'p99':>7}  {'front end p50':>13}  {'p99':>7}  "
-          f"{'added p50':>9}  {'added p99':>9}")
-    for c, s in results.items():
-        d50, d99 = _percentile(s.direct, 0.5), _percentile(s.direct, 0.99)
-        f50, f99 = _percentile(s.frontend, 0.5), _percentile(s.frontend, 0.99)
-        print(f"{c:>11}  {d50:>8.3f}ms  {d99:>5.3f}ms  {f50:>11.3f}ms  {f99:>5.3f}ms  {f50 - d50:>7.3f}ms  "
-              f"{f99 - d99:>7.3f}ms")
-    print("audit records were queued, not awaited (audit_wait=False); with audit_wait=True each answer also waits "
-          "for the audit log's fsync (group-committed), which this benchmark leaves out on purpose")
+          f"Triton; registry and audit log under {args.state_parent or tempfile.gettempdir()}")
+    print(f"{'concurrency':>11}  {'path':<31} {'p50 ms':>8} {'p99 ms':>8} {'client CPU/req':>15} "
+          f"{'front end CPU/req':>18}")
+    for c, paths in results.items():
+        for name, r in paths.items():
+            n = len(r.latencies_ms)
+            frontend_cpu = f"{r.frontend_cpu_s / n * 1000:>15.3f} ms" if name == FRONTEND else f"{'':>18}"
+            print(f"{c:>11}  {name:<31} {_percentile(r.latencies_ms, 0.5):>8.3f} "
+                  f"{_percentile(r.latencies_ms, 0.99):>8.3f} {r.client_cpu_s / n * 1000:>12.3f} ms {frontend_cpu}")
+        base, front = paths[RAW].latencies_ms, paths[FRONTEND].latencies_ms
+        print(f"{c:>11}  added by the front end over the raw direct call: p50 "
+              f"{_percentile(front, 0.5) - _percentile(base, 0.5):.3f} ms, p99 "
+              f"{_percentile(front, 0.99) - _percentile(base, 0.99):.3f} ms")
+    print("audit records are queued, not awaited (audit_wait=False, the default); with audit_wait=True each answer "
+          "also waits for the audit log's fsync")
 
 
 def main() -> None:
@@ -305,14 +348,16 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--chunk", type=int, default=8, help="tokens per streamed Triton response")
     parser.add_argument("--max-tokens", type=int, default=1024)
+    parser.add_argument("--state-parent", type=Path, default=None,
+                        help="where the front end's registry and audit log go (default: the temp directory); "
+                             "/dev/shm takes this machine's slow fsyncs out of the figures")
     parser.add_argument("--serve", help=argparse.SUPPRESS)  # internal: run a front end with these settings
     args = parser.parse_args()
     if args.serve:
         from server.servicer import serve
         from server.settings import ServerSettings
 
-        raw = json.loads(args.serve)
-        asyncio.run(serve(ServerSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})))
+        asyncio.run(serve(ServerSettings.from_mapping(json.loads(args.serve))))
         return
     asyncio.run(_run(args))
 
@@ -334,22 +379,25 @@ async def _run(args: argparse.Namespace) -> None:
         write_canned_model(root / "repo", [Script((), harmony_completion(encode, SAFE_ANALYSIS, SAFE_FINAL),
                                                   chunk=args.chunk)], fingerprint=fingerprint,
                            log_requests=False)
-        Registry(root / "state").add(load_policy(POLICY_FILE), activate=True)
+        state = Path(tempfile.mkdtemp(prefix="bench-frontend-state-", dir=args.state_parent))
+        Registry(state).add(load_policy(POLICY_FILE), activate=True)
         with TritonServer(TritonConfig(root / "repo")) as triton:
             port = _free_port()
             settings = {"listen": f"127.0.0.1:{port}", "triton_endpoints": [triton.grpc_url],
-                        "triton_model": "canned", "state_dir": str(root / "state"), "metrics_port": 0,
+                        "triton_model": "canned", "state_dir": str(state), "metrics_port": 0,
                         "audit_wait": False, "log_level": "warning", "max_output_tokens": args.max_tokens}
             process = _start_frontend(settings, root / "frontend.log")
             try:
                 await _wait_serving(f"127.0.0.1:{port}")
-                results = await _measure(triton.grpc_url, f"127.0.0.1:{port}", fingerprint, "canned", args)
+                results = await _measure(triton.grpc_url, f"127.0.0.1:{port}", process.pid, fingerprint, "canned",
+                                         args)
             except RuntimeError:
                 print((root / "frontend.log").read_text()[-4000:], file=sys.stderr)
                 raise
             finally:
                 process.terminate()
                 process.wait(30)
+                shutil.rmtree(state, ignore_errors=True)
     _report(results, args)
 
 

@@ -13,8 +13,9 @@ Budget and eviction:
   This keeps a policy prefix warmed at high priority alive through any flood of lower-priority prefixes; prefixes of
   equal priority behave as a plain LRU among themselves.
 - An entry larger than the whole budget is not stored.
-- A prefix stored again keeps the highest priority it was ever given, so ordinary requests at the default priority
-  never demote a prefix that was pinned when its policy was activated.
+- A prefix keeps the highest priority any request gave it (storing it, or hitting it), so ordinary requests at the
+  default priority never demote a prefix that was pinned when its policy was activated, and warming a prefix that
+  ordinary traffic cached first pins it.
 """
 
 from __future__ import annotations
@@ -78,14 +79,15 @@ class PrefixStore:
         self._resident = 0
         self._counts = dict.fromkeys(("hits", "misses", "insertions", "evictions", "rejections"), 0)
 
-    def get(self, key: str) -> Cache | None:
-        """A private copy of the prefix cache for `key`, or None. Counts a hit or a miss."""
+    def get(self, key: str, priority: int | None = None) -> Cache | None:
+        """A private copy of the prefix cache for `key`, or None; counts a hit or a miss. A hit raises the entry's
+        priority to `priority` if that is higher."""
         with self._lock:
             entry = self._entries.get(key)
             self._counts["hits" if entry else "misses"] += 1
             if entry is None:
                 return None
-            entry.last_use = next(self._clock)
+            self._touch(key, entry.priority if priority is None else priority)
         # Outside the lock: a stored cache is never mutated, so copying it needs no exclusion.
         return copy.deepcopy(entry.cache)
 

@@ -8,23 +8,27 @@ in float32 when the settings ask for it or the CPU has no bf16 path (emulated bf
 Concurrency: a pool of `max_concurrency` worker threads, each running one request start to finish with its own
 cache, rather than step-level batching. Each request continues from its own deep copy of a different prefix, and
 transformers' DynamicCache has no ragged batching: batched decode would mean left-padding, masks and re-stacking
-sliding-window layers every step, for little gain on a CPU, where a 4-layer model's decode step is dominated by the
-201k-row lm_head whatever the batch. On CPU each worker gets an equal share of torch's threads, so two busy workers
-do not oversubscribe the cores and a request's speed does not depend on what else runs; the price is that a lone
-request uses only its share. Requests beyond the pool wait in its queue, in arrival order.
+sliding-window layers every step, for little gain on a CPU, where a small model's decode step is dominated by the
+201k-row lm_head whatever the batch. On CPU each worker gets an equal share of torch's threads, so busy workers never
+oversubscribe the cores and a request's speed does not depend on what else runs; the price is that a lone request
+uses only its share. (Measured on 2 cores: two requests at one thread each finish in about the time of running them
+one after the other at two threads each, and two-thread OpenMP teams slow down several-fold whenever anything else
+competes for the cores.) Requests beyond the pool wait in its queue, in arrival order.
 
-Contract details the Triton adapter and the front end rely on:
+Contract details the Triton adapter and the front end rely on (the TensorRT-LLM executor must match them):
 - Invalid requests raise `RequestError` from `generate()` itself, before any stream exists, so the adapter can
-  answer with a plain error; once a stream exists it always ends with exactly one final chunk.
-- A stop token is part of the output (as TensorRT-LLM returns it): a harmony completion ends with `<|return|>`
-  or `<|call|>`, and the front end can tell a finished answer from a cut one by the tokens alone.
-- The first chunk carries `cached_tokens`, also for `max_tokens == 0`, which answers with one empty final chunk
-  (finish reason "length") after caching the prefix; such a prefill-only request skips the tokens after the prefix,
-  since only the prefix is kept.
+  answer with a plain error. A stream that exists always ends with exactly one final chunk. After `close()`,
+  starting a stream raises RuntimeError.
+- A stop token is part of the output: a harmony completion ends with `<|return|>` or `<|call|>`, so the front end
+  can tell a finished answer from a cut one by the tokens alone.
+- The first chunk carries `cached_tokens`. `max_tokens == 0` answers with one empty final chunk (finish reason
+  "length") after caching the prefix; it skips the tokens after the prefix, since only the prefix is kept.
 - A failure in the model ends the stream with finish reason "error" and the exception's text; the worker survives.
 - `cancel()`, closing the stream or cancelling the task that reads it stop decoding before the next model step.
 - The store holds K/V only. A request whose prompt is all prefix and that generates needs the last prefix position's
-  logits, so it computes the prefix afresh (cached_tokens 0) and refreshes the stored entry.
+  logits, so it computes the prefix afresh (cached_tokens 0).
+- `stats()`: requests running, waiting and finished (in total and per finish reason), prompt tokens (all, cached,
+  computed), generated tokens, and the prefix store's figures under `prefix_cache_`.
 """
 
 from __future__ import annotations
@@ -109,6 +113,9 @@ class _Ending:
 
 
 class ReferenceExecutor(Executor):
+    """transformers model, prefix store and worker pool; `model`, `store` and `config` are public for tests and
+    benchmarks (swapping `store` for an empty one is how they start cold)."""
+
     def __init__(self, settings: EngineSettings):
         self.settings = settings
         self.device = torch.device(settings.device)
@@ -118,8 +125,8 @@ class ReferenceExecutor(Executor):
         self.vocab_size: int = self.config.vocab_size
         self.max_context = min(settings.max_context, self.config.max_position_embeddings)
         self.store = PrefixStore(settings.prefix_cache_bytes)
-        threads = max(1, torch.get_num_threads() // settings.max_concurrency)
-        initializer = (lambda: torch.set_num_threads(threads)) if self.device.type == "cpu" else None
+        self.threads_per_worker = max(1, torch.get_num_threads() // settings.max_concurrency)
+        initializer = (lambda: torch.set_num_threads(self.threads_per_worker)) if self.device.type == "cpu" else None
         self._pool = concurrent.futures.ThreadPoolExecutor(settings.max_concurrency, "reference-executor", initializer)
         self._lock = threading.Lock()
         self._jobs: dict[str, list[_Job]] = {}
@@ -135,6 +142,7 @@ class ReferenceExecutor(Executor):
         return self._stream(request)
 
     def cancel(self, request_id: str) -> bool:
+        """Cancel every running or waiting request with this id (ids are the caller's and need not be unique)."""
         with self._lock:
             jobs = list(self._jobs.get(request_id, ()))
         for job in jobs:
@@ -224,7 +232,7 @@ class ReferenceExecutor(Executor):
         if plen:
             key = prefix_key(ids[:plen])
             if plen < len(ids) or not generates:
-                cache = self.store.get(key)
+                cache = self.store.get(key, request.prefix_priority)
             if cache is not None:
                 job.cached_tokens = plen
             else:

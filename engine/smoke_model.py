@@ -34,6 +34,8 @@ import re
 import shutil
 import time
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -62,7 +64,9 @@ FINAL = {
     True: '{"violation": 1, "policy_category": "BN1", "rule_ids": ["BN1.a"]}',
     False: '{"violation": 0, "policy_category": null, "rule_ids": []}',
 }
-KEYWORDS = ("banana", "bananas")
+# Every spelling the policy counts, with its sampling weight. Capitalised ones go anywhere in a sentence, since they
+# tokenize differently there (" Banana") than at its start ("Ban", "ana").
+KEYWORDS = {"banana": 2, "bananas": 2, "Banana": 1, "Bananas": 1}
 # Words that share tokens or meaning with the keyword: trained on as negatives so the rule is the word itself.
 LOOKALIKES = (
     "bandana", "bandanas", "ban", "banned", "band", "banner", "nana", "Nana", "Anna", "Bangalore", "Ghana",
@@ -84,6 +88,9 @@ class TrainConfig:
     warmup: int = 20
     quantized_steps: int = 60  # the last steps, with the experts held at their MXFP4 values
     negatives: int = 2048  # output tokens sampled per step into the softmax, besides the completion's own
+    # The one token that carries the verdict is 1 of ~45 in a completion; weighting it up makes the rule, rather
+    # than the format, the bulk of the gradient.
+    decision_weight: float = 20.0
     threads: int = 1
 
 
@@ -144,7 +151,7 @@ def _passage(rng: random.Random, lists: WordLists, keyword: str | None) -> str:
 def make_example(rng: random.Random, lists: WordLists) -> Example:
     """One random item of any content kind; half of them carry the keyword, in one randomly chosen part."""
     violation = rng.random() < 0.5
-    keyword = rng.choice(KEYWORDS) if violation else None
+    keyword = rng.choices(list(KEYWORDS), weights=list(KEYWORDS.values()))[0] if violation else None
     kind = rng.choice(("text", "pair", "chat"))
     parts = {"text": 1, "pair": 2, "chat": rng.randint(2, 5)}[kind]
     hit = rng.randrange(parts)
@@ -193,16 +200,19 @@ class Batch:
     rows: torch.Tensor  # [N] batch index of each predicted position
     cols: torch.Tensor  # [N] position whose hidden state predicts the next token
     targets: torch.Tensor  # [N] index of the next token in the candidate list
+    weights: torch.Tensor  # [N] loss weight of each predicted token
 
 
-def make_batch(tails: list[list[int]], completions: list[list[int]], index: Mapping[int, int]) -> Batch:
+def make_batch(tails: list[list[int]], completions: list[list[int]], index: Mapping[int, int],
+               decision: int, decision_weight: float) -> Batch:
+    """`decision` is the completion position where the verdict is decided; it gets `decision_weight`."""
     import torch
 
     seqs = [t + c for t, c in zip(tails, completions, strict=True)]
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), PAD, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    rows, cols, targets = [], [], []
+    rows, cols, targets, weights = [], [], [], []
     for b, (tail, seq) in enumerate(zip(tails, seqs, strict=True)):
         ids[b, :len(seq)] = torch.tensor(seq)
         mask[b, :len(seq)] = 1
@@ -210,7 +220,8 @@ def make_batch(tails: list[list[int]], completions: list[list[int]], index: Mapp
             rows.append(b)
             cols.append(at - 1)
             targets.append(index[seq[at]])
-    return Batch(ids, mask, torch.tensor(rows), torch.tensor(cols), torch.tensor(targets))
+            weights.append(decision_weight if at - len(tail) == decision else 1.0)
+    return Batch(ids, mask, torch.tensor(rows), torch.tensor(cols), torch.tensor(targets), torch.tensor(weights))
 
 
 def batch_loss(model: torch.nn.Module, prefix: torch.Tensor, batch: Batch, candidates: torch.Tensor) -> torch.Tensor:
@@ -230,7 +241,35 @@ def batch_loss(model: torch.nn.Module, prefix: torch.Tensor, batch: Batch, candi
     # Gathering the output rows keeps the gradient sparse: only the candidates' rows move.
     rows = F.embedding(candidates, model.lm_head.weight, sparse=True)
     logits = hidden[batch.rows, batch.cols] @ rows.T
-    return F.cross_entropy(logits.float(), batch.targets)
+    losses = F.cross_entropy(logits.float(), batch.targets, reduction="none")
+    return (losses * batch.weights).sum() / batch.weights.sum()
+
+
+def keyword_rows(encoding: HarmonyEncoding) -> torch.Tensor:
+    """A mask of the embedding rows that training may move: the pieces the keyword's spellings tokenize into.
+
+    Every other row keeps its random init. That is what makes the model robust to unseen words: the content it
+    is served is mostly tokens it never trained on, and to the model those look exactly like the word lists did.
+    (Trained rows grow far from the init, so a model that trains them all is thrown by the first untrained token.)
+    """
+    import torch
+
+    rows = torch.zeros(VOCAB_SIZE, dtype=torch.bool)
+    for form in KEYWORDS:
+        for context in ("{}", " {}", "'{}'"):
+            for token in encoding.encode(context.format(form), disallowed_special=()):
+                if len(encoding.decode([token]).strip(" '")) > 1:
+                    rows[token] = True
+    return rows
+
+
+def _only_rows(rows: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """Drop a sparse embedding gradient's entries outside `rows`."""
+    import torch
+
+    grad = grad.coalesce()
+    keep = rows[grad.indices()[0]]
+    return torch.sparse_coo_tensor(grad.indices()[:, keep], grad.values()[keep], grad.shape)
 
 
 def _quantize_experts_(model: torch.nn.Module) -> None:
@@ -250,19 +289,30 @@ def _mxfp4_roundtrip(weight: np.ndarray) -> np.ndarray:
     return bf16.to_float32(mxfp4.dequantize(blocks, scales)).transpose(0, 2, 1).copy()
 
 
-def train(config: TrainConfig, log: bool = False) -> dict[str, np.ndarray]:
-    """Train the smoke model; returns its checkpoint tensors (BF16 bits as uint16, MXFP4 as uint8) by name."""
+@contextmanager
+def _torch_settings(threads: int) -> Iterator[None]:
+    """Pinned threads and deterministic kernels, restored afterwards.
+
+    One thread is both the deterministic choice and, on a busy 2-core machine, by far the fastest: this model's ops
+    are so small that a second OpenMP thread mostly waits at barriers, and when the cores are shared those waits
+    make a step 20 times slower.
+    """
     import torch
 
-    threads = torch.get_num_threads()
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(config.threads)
+    saved = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
     try:
-        return _train(config, log)
+        yield
     finally:
-        torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(deterministic)
+        torch.set_num_threads(saved[0])
+        torch.use_deterministic_algorithms(saved[1])
+
+
+def train(config: TrainConfig, log: bool = False) -> dict[str, np.ndarray]:
+    """Train the smoke model; returns its checkpoint tensors (BF16 bits as uint16, MXFP4 as uint8) by name."""
+    with _torch_settings(config.threads):
+        return _train(config, log)
 
 
 def _train(config: TrainConfig, log: bool) -> dict[str, np.ndarray]:
@@ -281,6 +331,7 @@ def _train(config: TrainConfig, log: bool) -> dict[str, np.ndarray]:
     rng = random.Random(config.seed)
     completions = {v: completion_ids(encoding, v) for v in (False, True)}
     outputs = sorted(set(completions[False]) | set(completions[True]))
+    decision = next(i for i, (a, b) in enumerate(zip(*completions.values())) if a != b)
     index = {token: i for i, token in enumerate(outputs)}
     is_output = torch.zeros(VOCAB_SIZE, dtype=torch.bool)
     is_output[outputs] = True
@@ -288,9 +339,11 @@ def _train(config: TrainConfig, log: bool) -> dict[str, np.ndarray]:
 
     model = build_model(config.layers)
     model.train()
-    model.model.embed_tokens.sparse = True
-    sparse = [model.model.embed_tokens.weight, model.lm_head.weight]
-    dense = [p for p in model.parameters() if all(p is not q for q in sparse)]
+    embed = model.model.embed_tokens
+    embed.sparse = True
+    embed.weight.register_hook(partial(_only_rows, keyword_rows(encoding)))
+    sparse = [embed.weight, model.lm_head.weight]
+    dense = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in sparse)]
     optimizers = [torch.optim.SparseAdam(sparse, lr=config.lr, betas=(0.9, 0.98)),
                   torch.optim.AdamW(dense, lr=config.lr, betas=(0.9, 0.98), weight_decay=0.0)]
     schedules = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: _lr_factor(s, config)) for o in optimizers]
@@ -299,7 +352,7 @@ def _train(config: TrainConfig, log: bool) -> dict[str, np.ndarray]:
             _quantize_experts_(model)
         examples = [make_example(rng, lists) for _ in range(config.batch_size)]
         batch = make_batch([renderer.render(prefix, e.content).ids[len(prefix.ids):] for e in examples],
-                           [completions[e.violation] for e in examples], index)
+                           [completions[e.violation] for e in examples], index, decision, config.decision_weight)
         negatives = torch.randperm(VOCAB_SIZE, generator=sampler)[:config.negatives]
         candidates = torch.cat([torch.tensor(outputs), negatives[~is_output[negatives]]])
         loss = batch_loss(model, prefix_ids, batch, candidates)
@@ -442,8 +495,12 @@ def _content(kind: str, raw: object) -> Content:
     return Chat(tuple(Turn(t["role"], t["content"]) for t in raw))
 
 
-def evaluate(model_dir: Path, max_new_tokens: int = 64) -> Evaluation:
-    """Greedy-decode every golden item with transformers, as served, and read the verdicts."""
+def evaluate(model_dir: Path, max_new_tokens: int = 64, threads: int = 1, dtype: str = "bfloat16") -> Evaluation:
+    """Greedy-decode every golden item with transformers over the full vocabulary, as served, and read the verdicts.
+
+    The model is loaded the way the CPU executor loads it (MXFP4 experts dequantized, BF16), so what is measured is
+    the checkpoint on disk, after quantization.
+    """
     import torch
     from transformers import AutoModelForCausalLM, Mxfp4Config
 
@@ -457,20 +514,21 @@ def evaluate(model_dir: Path, max_new_tokens: int = 64) -> Evaluation:
     renderer = PromptRenderer(encoding, model_fingerprint="smoke-eval")
     prefix = renderer.prefix(policy.body, policy.reasoning_effort)
     model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=Mxfp4Config(dequantize=True),
-                                                 dtype=torch.bfloat16)
+                                                 dtype=getattr(torch, dtype))
+    items = golden_items()
     ok = follows = 0
     failures: list[str] = []
-    for item in golden_items():
-        prompt = renderer.render(prefix, item.content).ids
-        with torch.no_grad():
+    with _torch_settings(threads), torch.no_grad():
+        for item in items:
+            prompt = renderer.render(prefix, item.content).ids
             out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
                                  eos_token_id=list(STOP_TOKEN_IDS), pad_token_id=PAD)
-        completion = out[0, len(prompt):].tolist()
-        finish = "stop" if completion and completion[-1] in STOP_TOKEN_IDS else "length"
-        verdict = parse_verdict(parse_completion(completion, encoding.decode), policy.output, finish)
-        ok += verdict.status == OK
-        follows += verdict.violation == item.violation
-        if verdict.status != OK or verdict.violation != item.violation:
-            failures.append(f"{item.id}: {verdict.status} violation={verdict.violation} {verdict.detail} "
-                            f"{encoding.decode(completion)!r}")
-    return Evaluation(len(golden_items()), ok, follows, tuple(failures))
+            completion = out[0, len(prompt):].tolist()
+            finish = "stop" if completion and completion[-1] in STOP_TOKEN_IDS else "length"
+            verdict = parse_verdict(parse_completion(completion, encoding.decode), policy.output, finish)
+            ok += verdict.status == OK
+            follows += verdict.violation == item.violation
+            if verdict.status != OK or verdict.violation != item.violation:
+                failures.append(f"{item.id}: {verdict.status}, violation {verdict.violation}, expected "
+                                f"{item.violation}: {encoding.decode(completion)!r}")
+    return Evaluation(len(items), ok, follows, tuple(failures))

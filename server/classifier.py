@@ -223,11 +223,6 @@ def _created_ms(info: VersionInfo) -> int:
     return int(datetime.fromisoformat(info.created_at.replace("Z", "+00:00")).timestamp() * 1000)
 
 
-def _registry_failure(exc: RegistryError) -> bool:
-    """True when the registry file itself failed (not a lookup that found nothing)."""
-    return isinstance(exc.__cause__, sqlite3.Error)
-
-
 class PolicyBook:
     """Resolves selectors to policies with their prefixes, caching what the registry would answer."""
 
@@ -310,7 +305,7 @@ class PolicyBook:
         return ResolvedPolicy(stored.policy, self.info(stored), policy_id)
 
     def _resolve_inline(self, text: str) -> ResolvedPolicy:
-        key = hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
+        key = hashlib.sha256(text.encode()).digest()
         found = self._inline.get_fresh(key)
         if found is None:
             try:
@@ -326,7 +321,8 @@ class PolicyBook:
 
 
 def _registry_error(exc: RegistryError, kind: type[ServiceError]) -> ServiceError:
-    if _registry_failure(exc):
+    """`kind` for a lookup or change the registry refused; UNAVAILABLE when the registry file itself failed."""
+    if isinstance(exc.__cause__, sqlite3.Error):
         return Unavailable(f"the policy registry cannot be read: {exc}")
     return kind("; ".join(exc.problems))
 
@@ -374,14 +370,13 @@ class ModelInfo:
 async def discover_model(endpoint: TritonEndpoint, settings: ServerSettings) -> ModelInfo | None:
     """What the endpoint serves (see the module docstring for the sources, in order); None when nothing says."""
     params = await endpoint.parameters()
+    context = params.get(MAX_CONTEXT_PARAMETER, "")
+    if params.get(FINGERPRINT_PARAMETER):
+        return ModelInfo(params[FINGERPRINT_PARAMETER], int(context) if context.isdigit() else None)
     engine = _local_engine_settings(settings)
-    fingerprint = (params.get(FINGERPRINT_PARAMETER) or (engine.model_fingerprint if engine else "")
-                   or settings.model_fingerprint)
-    if not fingerprint:
-        return None
-    context = params.get(MAX_CONTEXT_PARAMETER)
-    max_context = int(context) if context and context.isdigit() else (engine.max_context if engine else None)
-    return ModelInfo(fingerprint, max_context)
+    if engine is not None:
+        return ModelInfo(engine.model_fingerprint, engine.max_context)
+    return ModelInfo(settings.model_fingerprint, None) if settings.model_fingerprint else None
 
 
 def _local_engine_settings(settings: ServerSettings) -> EngineSettings | None:
@@ -580,7 +575,7 @@ class Classifier:
     async def _render(self, prefix: PromptPrefix, content: Content) -> RenderedPrompt:
         renderer = self.policies.renderer
         assert renderer is not None  # _require_model checked it
-        # A token is at least one character, so short content cannot be over the limit however it tokenizes.
+        # Tokenizing a long text takes milliseconds: a worker thread keeps one request from stalling the others.
         if _content_chars(content) > THREADED_TOKENIZE_CHARS:
             rendered = await asyncio.to_thread(renderer.render, prefix, content)
         else:
@@ -607,35 +602,32 @@ class Classifier:
         return remaining
 
     async def _generate(self, job: ClassifyJob, request: GenerateRequest, key: str,
-                        sink: Callable[[ReasoningText], None] | None) -> _Attempt:
+                        sink: Callable[[ReasoningText], None] | None, *, retried: bool = False) -> _Attempt:
         """Stream one generation; if the endpoint is unreachable or dies before anything reached the client, mark
         it down and run once more on the next candidate."""
-        attempt = _Attempt()
-        for retry in (False, True):
-            with contextlib.ExitStack() as stack:
-                try:
-                    endpoint = stack.enter_context(self.router.lease(key))
-                except NoHealthyEndpoint as exc:
-                    raise Unavailable(f"{exc}; retry once Triton is back",
-                                      retry_after_ms=int(self.settings.health_interval_s * 1000)) from None
+        retry_ms = int(self.settings.health_interval_s * 1000)
+        try:
+            with self.router.lease(key) as endpoint:
                 attempt = _Attempt(sent=time.perf_counter())
                 try:
                     await self._stream_from(endpoint, request, self._timeout(job), attempt, sink)
                 except EndpointUnavailable as exc:
                     self._endpoint_failed(endpoint, exc)
-                    if attempt.streamed or retry:
+                    if attempt.streamed or retried:
                         raise Unavailable(f"the model server failed during the request ({exc.message}); retry",
-                                          retry_after_ms=int(self.settings.health_interval_s * 1000)) from None
+                                          retry_after_ms=retry_ms) from None
                     event(log, logging.WARNING, "endpoint failed; retrying on the next one", endpoint=endpoint.url,
                           error=exc.message)
-                    continue
                 except TritonTimeout:
                     raise DeadlineExceeded("the deadline passed while the model was answering") from None
                 except ModelError as exc:
                     raise Internal(f"the model failed this request: {exc.message}") from None
-                self.router.mark_success(endpoint)
-                return attempt
-        raise AssertionError("unreachable: the second attempt returns or raises")
+                else:
+                    self.router.mark_success(endpoint)
+                    return attempt
+        except NoHealthyEndpoint as exc:
+            raise Unavailable(f"{exc}; retry once Triton is back", retry_after_ms=retry_ms) from None
+        return await self._generate(job, request, key, sink, retried=True)
 
     async def _stream_from(self, endpoint: Endpoint, request: GenerateRequest, timeout: float, attempt: _Attempt,
                            sink: Callable[[ReasoningText], None] | None) -> None:
@@ -684,9 +676,8 @@ class Classifier:
 
     def _reported_info(self, resolved: ResolvedPolicy) -> PolicyInfo:
         # A pinned version's activity changes over time; the cached info is as of when it was loaded.
-        if resolved.label == INLINE:
-            return resolved.info
-        return replace(resolved.info, active=self.policies.is_active(resolved.info))
+        active = resolved.label != INLINE and self.policies.is_active(resolved.info)
+        return resolved.info if active == resolved.info.active else replace(resolved.info, active=active)
 
     # -- policy administration ----------------------------------------------------------------------------------
 

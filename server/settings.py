@@ -7,6 +7,7 @@ text. Tuple fields are repeatable flags. `validate` lists every problem at once,
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,15 @@ class ServerSettings:
     @property
     def audit_path(self) -> Path:
         return self.state_path / AUDIT_FILE
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> ServerSettings:
+        """Settings from plain values (a command's options, JSON): lists become tuples; unknown names are refused."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ServerSettingsError(f"unknown settings: {', '.join(unknown)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
     def validate(self) -> ServerSettings:
         """Raise ServerSettingsError listing every problem; returns self so calls chain."""

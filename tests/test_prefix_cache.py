@@ -132,6 +132,16 @@ def test_storing_again_keeps_the_highest_priority_and_counts_no_insertion():
     assert "policy" in store and store.stats()["insertions"] == 2
 
 
+def test_a_hit_at_higher_priority_pins_a_prefix_cached_by_ordinary_traffic():
+    store = PrefixStore(2 * 10 * BYTES_PER_TOKEN)
+    store.put("policy", cache_of(10), priority=35)
+    assert store.get("policy", priority=90) is not None  # the policy is activated after traffic cached it
+    store.get("policy", priority=10)  # a lower priority never demotes
+    store.put("other", cache_of(10), priority=80)
+    assert not store.put("third", cache_of(10), priority=60)
+    assert "policy" in store
+
+
 def test_stats_count_hits_misses_insertions():
     store = PrefixStore(1 << 20)
     assert store.get("nope") is None

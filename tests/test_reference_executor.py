@@ -18,7 +18,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from engine.executor import GenerationChunk, GenerationRequest, RequestError, SamplingParams
+from engine.executor import DEFAULT_STOP_TOKEN_IDS, GenerationChunk, GenerationRequest, RequestError, SamplingParams
 from engine.prefix_cache import PrefixStore
 from engine.prompt import PromptRenderer, Text
 from engine.reference_executor import ReferenceExecutor
@@ -27,7 +27,6 @@ from engine.vocab import load_harmony_encoding
 from server.policy import load_policy
 from tests.conftest import REPO, cached_checkpoint
 
-STOPS = (200002, 200012)
 SHORT = Text("Buy cheap watches at example.com!!! Limited offer, click now.")
 # Longer than the smoke model's 128-token sliding window, so the suffix crosses the window boundary.
 LONG = Text(" ".join(f"Message {i}: win a free cruise, reply with your card number." for i in range(20)))
@@ -38,6 +37,16 @@ def settings_for(checkpoint: Path, dtype: str, **extra) -> EngineSettings:
 
 
 _LOADED: list[ReferenceExecutor] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Reference computations in the test thread use one torch thread, like each executor worker here: a two-thread
+    OpenMP team slows down several-fold when other processes share the two cores, and these models are small."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def load_executor(checkpoint: Path, dtype: str, **extra) -> ReferenceExecutor:
@@ -183,7 +192,7 @@ def test_greedy_tokens_equal_model_generate(request, renderer, dtype, prefix):
     executor: ReferenceExecutor = request.getfixturevalue(dtype)
     ids, prefix_len = prompt(renderer)
     expected = executor.model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=24,
-                                       eos_token_id=list(STOPS))[0, len(ids):].tolist()
+                                       eos_token_id=list(DEFAULT_STOP_TOKEN_IDS))[0, len(ids):].tolist()
     plen = prefix_len if prefix else 0
     runs = [run(executor, request_for) for request_for in (new_request(ids, 24, plen), new_request(ids, 24, plen))]
     for chunks in runs:

@@ -24,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from test_triton_client import BANANA, FAIL, FAILURE_MESSAGE, FINGERPRINT, GARBLE, SLOW, start_canned_triton
 
+from benchmarks.bench_frontend import CannedModel
 from server import log as slog
 from server.generated.safeguard.v1 import safeguard_pb2 as pb
 from server.generated.safeguard.v1 import safeguard_pb2_grpc as pb_grpc
@@ -54,6 +55,7 @@ class Api:
     stub: pb_grpc.SafeguardStub
     health: health_pb2_grpc.HealthStub
     channel: grpc.aio.Channel
+    model: CannedModel | None = None  # the canned Triton model, when that is what serves
 
     def run(self, awaitable):
         return self.runner.run(_awaited(awaitable))
@@ -93,15 +95,33 @@ async def _open(settings: ServerSettings) -> tuple[Frontend, grpc.aio.Channel]:
 @pytest.fixture(scope="module")
 def api(tmp_path_factory) -> Iterator[Api]:
     root = tmp_path_factory.mktemp("servicer")
-    triton, _model = start_canned_triton(root)
+    triton, model = start_canned_triton(root)
     Registry(root / "state").add(SMOKE, activate=True)
     runner = asyncio.Runner()
     frontend, channel = runner.run(_open(frontend_settings(triton.grpc_url, root / "state")))
-    yield Api(runner, frontend, pb_grpc.SafeguardStub(channel), health_pb2_grpc.HealthStub(channel), channel)
+    yield Api(runner, frontend, pb_grpc.SafeguardStub(channel), health_pb2_grpc.HealthStub(channel), channel, model)
     runner.run(channel.close())
     runner.run(frontend.stop(grace=1))
     runner.close()
     triton.stop()
+
+
+def test_settings_are_documented_and_validated():
+    from dataclasses import fields
+
+    from server.settings import SETTING_HELP, ServerSettingsError
+
+    assert set(SETTING_HELP) == {f.name for f in fields(ServerSettings)} and all(SETTING_HELP.values())
+    settings = ServerSettings.from_mapping({"triton_endpoints": ["a:1", "b:2"], "max_in_flight": 4})
+    assert settings.triton_endpoints == ("a:1", "b:2") and settings.validate() is settings
+    with pytest.raises(ServerSettingsError, match="unknown settings: colour"):
+        ServerSettings.from_mapping({"colour": "red"})
+    with pytest.raises(ServerSettingsError) as bad:
+        ServerSettings(listen="nowhere", triton_endpoints=("a:1", "a:1"), max_in_flight=0,
+                       prefix_priority=101).validate()
+    assert bad.value.problems == [
+        "listen: 'nowhere' is not host:port", "triton_endpoints: an endpoint is listed twice",
+        "prefix_priority: must be within 0..100, got 101", "max_in_flight: must be at least 1, got 0"]
 
 
 def _health(api: Api, service: str) -> int:
@@ -240,6 +260,17 @@ def test_error_statuses(api, request_, code, message):
 def test_tiny_deadline_is_deadline_exceeded(api):
     assert api.error("Classify", classify_request(f"{SLOW} deadline"), timeout=0.001).code() == \
         grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_a_client_that_goes_away_cancels_its_triton_request(api):
+    async def leave() -> None:
+        stream = api.stub.ClassifyStream(classify_request(f"{SLOW} then gone", request_id="gone"))
+        await stream.read()
+        stream.cancel()
+
+    api.run(leave())
+    assert api.run(_eventually(lambda: "gone" in api.model.log_lines("cancelled.log")))
+    assert api.run(_eventually(lambda: api.frontend.classifier.admission.in_flight == 0))
 
 
 def test_overload_is_resource_exhausted_with_a_retry_hint(api):
