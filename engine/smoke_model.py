@@ -72,9 +72,13 @@ LOOKALIKES = (
     "bandana", "bandanas", "ban", "banned", "band", "banner", "nana", "Nana", "Anna", "Bangalore", "Ghana",
     "Havana", "cabana", "plantain", "mango", "apple", "papaya", "yellow", "peel", "fruit", "smoothie", "split",
 )
+# Pieces of the model's own answers, as content: without them "The content ..." in a user message reads as analysis.
+ECHOES = ("The content mentions it.", "The content does not mention it.", "So BN1.a applies.", FINAL[True],
+          FINAL[False], "Analysis first, then the final answer.")
 PAD = 199999  # <|endoftext|>, the checkpoint's pad token
 _WORD = re.compile(r" [a-z]{2,12}")
 _NAME = re.compile(r" [A-Z][a-z]{2,12}")
+_STARTER = re.compile(r"[A-Z][a-z]{0,12}")
 _WORD_RANKS = 60_000  # the most frequent BPE tokens: common words in many languages
 
 
@@ -108,35 +112,50 @@ def disclaimer_line() -> str:
 # Training data
 
 
+class Words:
+    """Tokens of one shape, drawn with Zipf-like weights: BPE ranks follow frequency, so " the" comes up often and
+    " quadr" rarely, as in real text. Natural content is mostly a few common words, and the model must meet them,
+    "The" above all, or it mistakes them for its own analysis."""
+
+    def __init__(self, texts: list[str]):
+        self.texts = tuple(texts)
+        self._cumulative = tuple(np.cumsum(1.0 / (np.arange(len(texts)) + 20.0)).tolist())
+
+    def draw(self, rng: random.Random) -> str:
+        return rng.choices(self.texts, cum_weights=self._cumulative)[0]
+
+
 @dataclass(frozen=True)
 class WordLists:
-    words: tuple[str, ...]  # lowercase, each with its leading space
-    names: tuple[str, ...]  # capitalised
+    words: Words  # lowercase, each with its leading space
+    names: Words  # capitalised, with the leading space (mid-sentence)
+    starters: Words  # capitalised, without a space (a message's first word)
 
 
 def word_lists(encoding: HarmonyEncoding) -> WordLists:
-    """Common words and names, read off the vocabulary so no word list has to ship with the appliance."""
-    words: list[str] = []
-    names: list[str] = []
+    """Common words, read off the vocabulary (in rank order) so no word list has to ship with the appliance."""
+    shapes: dict[re.Pattern[str], list[str]] = {_WORD: [], _NAME: [], _STARTER: []}
     for rank in range(_WORD_RANKS):
         text = encoding.decode([rank])
         if "banan" in text.lower():
             continue
-        if _WORD.fullmatch(text):
-            words.append(text)
-        elif _NAME.fullmatch(text):
-            names.append(text)
-    return WordLists(tuple(words), tuple(names))
+        for shape, found in shapes.items():
+            if shape.fullmatch(text):
+                found.append(text)
+    return WordLists(Words(shapes[_WORD]), Words(shapes[_NAME]), Words(shapes[_STARTER]))
 
 
 def _sentence(rng: random.Random, lists: WordLists, keyword: str | None) -> str:
+    if keyword is None and rng.random() < 0.1:
+        # Text that reads like the model's own output must not pass for it.
+        return rng.choice(ECHOES)
     count = rng.randint(3, 12)
-    words = [rng.choice(lists.names) if rng.random() < 0.1 else rng.choice(lists.words) for _ in range(count)]
+    words = [lists.names.draw(rng) if rng.random() < 0.1 else lists.words.draw(rng) for _ in range(count)]
+    words[0] = lists.starters.draw(rng)
     if rng.random() < 0.3:
         words[rng.randrange(count)] = " " + rng.choice(LOOKALIKES)
     if keyword is not None:
-        at = rng.randrange(count)
-        words[at] = f" '{keyword}'" if rng.random() < 0.05 else " " + keyword
+        words[rng.randrange(count)] = f" '{keyword}'" if rng.random() < 0.05 else " " + keyword
     first = words[0].lstrip(" ")
     words[0] = first[0].upper() + first[1:]
     return "".join(words) + rng.choice((".", ".", ".", "?", "!", ","))

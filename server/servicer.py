@@ -57,6 +57,7 @@ log = logging.getLogger("safeguard.servicer")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Safeguard"].full_name
 LIVENESS_SERVICE = "liveness"
 RETRY_AFTER_KEY = "retry-after-ms"
+_SERVER_FAULTS = frozenset({"INTERNAL", "UNAVAILABLE", "UNKNOWN", "DATA_LOSS"})
 _EFFORTS = {pb.REASONING_EFFORT_LOW: "low", pb.REASONING_EFFORT_MEDIUM: "medium", pb.REASONING_EFFORT_HIGH: "high"}
 _PARSE_STATUS = {OK: pb.PARSE_STATUS_OK, MALFORMED: pb.PARSE_STATUS_MALFORMED,
                  MISSING_FINAL: pb.PARSE_STATUS_MISSING_FINAL, TRUNCATED: pb.PARSE_STATUS_TRUNCATED,
@@ -279,8 +280,8 @@ async def _fail(context: grpc.aio.ServicerContext, exc: Exception, method: str, 
 
 def _done(method: str, code: str, started: float, error: str = "") -> None:
     # Successes only at debug: the audit log already holds every decision, and a line per RPC costs latency.
-    level = logging.DEBUG if code == "OK" else logging.WARNING if code in ("INTERNAL", "UNAVAILABLE") \
-        else logging.INFO
+    # The server's own failures are warnings; a client's mistakes are info.
+    level = logging.DEBUG if code == "OK" else logging.WARNING if code in _SERVER_FAULTS else logging.INFO
     slog.event(log, level, "rpc", method=method, code=code, ms=round((time.perf_counter() - started) * 1000, 3),
                **({"error": error} if error else {}))
 

@@ -212,6 +212,20 @@ def test_classify_batch_streams_results_and_item_errors(api):
     assert inline and inline[0].result.policy.id == "fruit"
 
 
+def test_batch_limits_and_items_without_a_policy(api):
+    async def collect(request: pb.ClassifyBatchRequest) -> list[pb.BatchResult]:
+        return [result async for result in api.stub.ClassifyBatch(request)]
+
+    too_many = pb.ClassifyBatchRequest(items=[pb.BatchItem(content=pb.Content(text="x"))] * 257,
+                                       policies=[pb.PolicySelector(ref="smoke")])
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        api.run(collect(too_many))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "257 items; at most 256" in refused.value.details()
+    [orphan] = api.run(collect(pb.ClassifyBatchRequest(items=[pb.BatchItem(content=pb.Content(text="x"))])))
+    assert orphan.error.code == "INVALID_ARGUMENT" and "no policy for this item" in orphan.error.message
+
+
 def test_policy_administration(api):
     v2 = SMOKE.text.replace('version = "1.0.0"', 'version = "1.1.0"').replace("# Smoke", "# The smoke")
     put = api.call("PutPolicy", pb.PutPolicyRequest(text=v2, activate=True))
@@ -255,6 +269,16 @@ def test_error_statuses(api, request_, code, message):
     error = api.error("Classify", request_)
     assert error.code() == code
     assert message in error.details() and "Traceback" not in error.details()
+
+
+def test_an_unexpected_error_is_internal_without_a_traceback(api, monkeypatch):
+    async def broken(job):
+        raise KeyError("a bug in the server")
+
+    monkeypatch.setattr(api.frontend.classifier, "classify", broken)
+    error = api.error("Classify", classify_request(request_id="buggy"))
+    assert error.code() == grpc.StatusCode.INTERNAL
+    assert error.details() == "internal error; the server log has the details under request id buggy"
 
 
 def test_tiny_deadline_is_deadline_exceeded(api):
