@@ -321,7 +321,8 @@ async def _wait_serving(address: str, timeout: float = 60.0) -> None:
 
 
 def _report(results: dict[int, dict[str, PathResult]], args: argparse.Namespace) -> None:
-    print(f"canned completion streamed in {args.chunk}-token responses; {args.requests} requests per path and "
+    print(f"canned completion streamed in {args.chunk}-token responses, {args.response_delay_ms:g} ms apart; "
+          f"{args.requests} requests per path and "
           f"concurrency, {args.rounds} interleaved rounds; {os.cpu_count()} CPUs shared by client, front end and "
           f"Triton; registry and audit log under {args.state_parent or tempfile.gettempdir()}")
     print(f"{'concurrency':>11}  {'path':<31} {'p50 ms':>8} {'p99 ms':>8} {'client CPU/req':>15} "
@@ -347,6 +348,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds per concurrency")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--chunk", type=int, default=8, help="tokens per streamed Triton response")
+    parser.add_argument("--response-delay-ms", type=float, default=0.0,
+                        help="pause before each streamed response, like a model's decoding steps (0: back to back, "
+                             "so the front end's per-response work cannot overlap generation)")
     parser.add_argument("--max-tokens", type=int, default=1024)
     parser.add_argument("--state-parent", type=Path, default=None,
                         help="where the front end's registry and audit log go (default: the temp directory); "
@@ -376,9 +380,9 @@ async def _run(args: argparse.Namespace) -> None:
     fingerprint = "canned-model"
     with tempfile.TemporaryDirectory(prefix="bench-frontend-") as tmp:
         root = Path(tmp)
-        write_canned_model(root / "repo", [Script((), harmony_completion(encode, SAFE_ANALYSIS, SAFE_FINAL),
-                                                  chunk=args.chunk)], fingerprint=fingerprint,
-                           log_requests=False)
+        completion = harmony_completion(encode, SAFE_ANALYSIS, SAFE_FINAL)
+        script = Script((), completion, chunk=args.chunk, delay_s=args.response_delay_ms / 1000)
+        write_canned_model(root / "repo", [script], fingerprint=fingerprint, log_requests=False)
         state = Path(tempfile.mkdtemp(prefix="bench-frontend-state-", dir=args.state_parent))
         Registry(state).add(load_policy(POLICY_FILE), activate=True)
         with TritonServer(TritonConfig(root / "repo")) as triton:

@@ -1,15 +1,21 @@
 """The `appliance build` pipeline: verified checkpoint in, Triton model repository and build manifest out.
 
-    1. check the checkpoint as serving needs it (weights, MXFP4 scales, tokenizer and generation files);
-    2. hash its files; the model fingerprint is the sha256 of that manifest;
-    3. let the build target decide the engine settings and the model's Triton instance kind;
-    4. write the repository and `build-manifest.json` into a scratch directory beside REPO, then move it in place,
-       so a failed build never leaves a half-written repository behind.
+    1. resolve the target; for a GPU, size its profile from config.json (`engine.profiles.fit`), so an impossible
+       combination fails at once, naming what would fit, before a byte of the weights is read;
+    2. check the checkpoint as serving needs it (weights, MXFP4 scales, tokenizer and generation files); a dry run
+       checks what is there, and config.json alone will do;
+    3. hash its files; the model fingerprint is the sha256 of that manifest;
+    4. prepare the weights: as shipped, or for a GPU without an FP4 MoE kernel (A100) with the experts expanded from
+       MXFP4 to BF16 into REPO/weights; a dry run prepares nothing;
+    5. write the repository and `build-manifest.json` into a scratch directory beside REPO, then move it in place,
+       so a failed build never leaves a half-written repository behind;
+    6. a GPU build that is not a dry run, on a host with TensorRT-LLM and the GPUs: load the model once (TensorRT-LLM
+       autotunes kernels and captures CUDA graphs as it loads), run a smoke generation and the conformance checks
+       (`engine.selftest`) and record them; anywhere else the manifest records the plan, the exact commands that
+       finish the build on the target (build_scripts/plan.py).
 
-A `BuildTarget` is everything that differs between the `--gpu` choices. Only `cpu` (the transformers reference
-executor) exists so far; a GPU target is another `BuildTarget` whose engine settings carry the TensorRT-LLM
-arguments that `engine.profiles` sizes for that GPU (and which may prepare the weights first, e.g. BF16 experts
-for A100).
+A `BuildTarget` is everything that differs between the `--gpu` choices: `cpu` (the transformers reference
+executor) and one per GPU kind in `engine.profiles` (TensorRT-LLM, sized by the profile).
 """
 
 from __future__ import annotations
@@ -19,22 +25,43 @@ import json
 import os
 import platform
 import shutil
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from build_scripts.llm_args import unverified_llm_args
+from build_scripts.manifest import (
+    BUILT,
+    DRY_RUN,
+    MANIFEST_FILE,
+    MANIFEST_FORMAT,
+    PLANNED,
+    record_selftest,
+    save_manifest,
+)
+from build_scripts.plan import Host, build_command_line, detect_host, selftest_command_line, where
 from build_scripts.repository import MODEL_NAME, MODEL_VERSION, write_repository
-from engine.checkpoint import iter_manifest, load_checkpoint
-from engine.errors import ApplianceError
+from engine.checkpoint import check_checkpoint, iter_manifest, load_checkpoint
+from engine.config import ModelConfig, load_config
+from engine.errors import ApplianceError, CheckpointError
+from engine.profiles import DEFAULT_CONTEXT, GPU_ALIASES, GPU_KINDS, GpuKind, Profile, fit
 from engine.settings import SETTINGS_FILE, EngineSettings
 
-MANIFEST_FILE = "build-manifest.json"
-MANIFEST_FORMAT = 1
+if TYPE_CHECKING:
+    from engine.selftest import SelftestReport
+
+DEFAULT_DTYPE = "bfloat16"
 DEFAULT_MAX_CONCURRENCY = 2
 DEFAULT_PREFIX_CACHE_BYTES = 512 << 20
-VERSIONED_PACKAGES = ("safeguard-appliance", "torch", "transformers", "tritonclient", "nvidia-pytriton")
+VERSIONED_PACKAGES = ("safeguard-appliance", "torch", "transformers", "tritonclient", "nvidia-pytriton",
+                      "tensorrt-llm")
+WEIGHTS_DIR = "weights"  # under REPO: the BF16-expert copy of the checkpoint that an A100 build serves
+DISK_MARGIN_BYTES = 1 << 30  # free space asked for beyond the expanded weights: side files, filesystem slack
+REFERENCE_OPTIONS = ("dtype", "max_concurrency", "prefix_cache_bytes")  # BuildOptions that only --gpu cpu takes
 
 
 class BuildError(ApplianceError):
@@ -45,10 +72,14 @@ class BuildError(ApplianceError):
 class BuildOptions:
     model_dir: Path
     out: Path
-    target: str  # a key of TARGETS
-    dtype: str = "bfloat16"
-    max_concurrency: int = DEFAULT_MAX_CONCURRENCY
-    prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES
+    target: str  # a key of TARGETS, or a GPU alias (a100 is a100-80gb)
+    gpus: int | None = None  # GPU targets: GPUs one model instance spans [1]
+    context: int = DEFAULT_CONTEXT  # tokens per sequence, prompt plus output
+    dry_run: bool = False  # GPU targets: check what is there and write the plan; prepare and load nothing
+    # The reference executor's own settings (None: the defaults above); on a GPU the profile sizes TensorRT-LLM.
+    dtype: str | None = None
+    max_concurrency: int | None = None
+    prefix_cache_bytes: int | None = None
     force: bool = False  # replace an earlier build in `out`
 
 
@@ -61,17 +92,47 @@ class BuildTarget:
     device: str
     instance_kind: str
     description: str
+    gpu: GpuKind | None = None  # GPU targets: the kind `engine.profiles` sizes the model for
 
-    def engine_settings(self, model_dir: Path, fingerprint: str, options: BuildOptions) -> EngineSettings:
-        return EngineSettings(executor=self.executor, model_dir=str(model_dir), model_fingerprint=fingerprint,
-                              device=self.device, dtype=options.dtype, max_concurrency=options.max_concurrency,
-                              prefix_cache_bytes=options.prefix_cache_bytes)
+
+def _gpu_target(kind: GpuKind) -> BuildTarget:
+    # KIND_MODEL: one instance on the devices the model picks; TensorRT-LLM spreads it over the profile's GPUs itself.
+    # KIND_GPU would start one instance, that is one whole copy of the model, per visible GPU.
+    experimental = ", experimental" if kind.experimental else ""
+    return BuildTarget(kind.name, executor="trtllm", device="cuda", instance_kind="KIND_MODEL", gpu=kind,
+                       description=f"TensorRT-LLM on {kind.description} ({kind.expert_precision.upper()} experts"
+                                   f"{experimental})")
 
 
 TARGETS = {
     "cpu": BuildTarget("cpu", executor="reference", device="cpu", instance_kind="KIND_CPU",
                        description="the transformers reference executor on the CPU (evaluation, tests, demos)"),
+    **{kind.name: _gpu_target(kind) for kind in GPU_KINDS.values()},
 }
+TARGET_NAMES = (*TARGETS, *GPU_ALIASES)
+
+
+@dataclass(frozen=True)
+class Weights:
+    """The checkpoint the executor loads: the source as shipped, or its BF16-expert expansion under REPO."""
+
+    source: Path
+    served: Path  # where the executor finds it once the build is in place
+    expanded_bytes: int = 0  # the expansion's size on disk; 0 when the checkpoint is served as shipped
+
+    @property
+    def expand(self) -> bool:
+        return self.served != self.source
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How far the build gets here and the commands that finish it on the target (build_scripts/manifest.py)."""
+
+    status: str
+    detail: str
+    remaining: tuple[str, ...] = ()
+    where: str | None = None  # where `remaining` runs
 
 
 @dataclass(frozen=True)
@@ -79,6 +140,8 @@ class BuildResult:
     repository: Path
     settings: EngineSettings
     manifest: dict[str, Any]
+    profile: Profile | None = None
+    selftest: SelftestReport | None = None  # when the build loaded and checked the model on this host
 
 
 def manifest_fingerprint(files: dict[str, dict[str, Any]]) -> str:
@@ -88,26 +151,65 @@ def manifest_fingerprint(files: dict[str, dict[str, Any]]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def build(options: BuildOptions) -> BuildResult:
-    target = TARGETS.get(options.target)
+def resolve_target(name: str) -> BuildTarget:
+    key = name.strip().lower()
+    target = TARGETS.get(GPU_ALIASES.get(key, key))
     if target is None:
-        raise BuildError(f"unknown build target {options.target!r}; known: {', '.join(TARGETS)}")
+        raise BuildError(f"unknown build target {name!r}; known: {', '.join(TARGET_NAMES)}")
+    return target
+
+
+def build(options: BuildOptions) -> BuildResult:
+    target = resolve_target(options.target)
+    _check_options(target, options)
     out = Path(options.out).absolute()
     _check_out(out, options.force)  # before minutes of hashing a large checkpoint, not only after
     model_dir = Path(options.model_dir).resolve()
-    load_checkpoint(model_dir, for_serving=True)
+    config = profile = None
+    if target.gpu is not None:  # sizing needs config.json only: an impossible combination fails before the weights
+        config = load_config(model_dir)
+        profile = fit(config, target.gpu, options.gpus or 1, options.context)
+    checked, warnings = _check_checkpoint(model_dir, options.dry_run)
     files = dict(iter_manifest(model_dir))
     fingerprint = manifest_fingerprint(files)
-    settings = target.engine_settings(model_dir, fingerprint, options)
+    weights = _weights(model_dir, out, config, profile)
+    settings = _engine_settings(target, profile, weights.served, fingerprint, options)
+    unverified = unverified_llm_args(settings.trtllm)
+    if unverified:
+        raise BuildError(f"LLM() arguments not verified against TensorRT-LLM 1.2.x: {', '.join(unverified)}")
+    host = detect_host() if profile is not None and not options.dry_run else None
+    plan = _plan(target, profile, options, model_dir, out, host)
 
+    def fill(scratch: Path) -> dict[str, Any]:
+        expansion = _expand(weights, scratch) if weights.expand and not options.dry_run else None
+        version_dir = write_repository(scratch, settings, target.instance_kind)
+        manifest = _manifest(
+            target=target, profile=profile, plan=plan, settings=settings, model_dir=model_dir, files=files,
+            fingerprint=fingerprint, settings_bytes=(version_dir / SETTINGS_FILE).read_bytes(), checked=checked,
+            warnings=warnings, weights=_weights_record(weights, options.dry_run, expansion), host=host,
+            context=options.context)
+        save_manifest(scratch, manifest)
+        return manifest
+
+    manifest = _install(out, options.force, fill)
+    report = None
+    if host is not None and profile is not None and host.cannot_verify(profile.gpus) is None:
+        from engine.selftest import run_selftest
+
+        report = run_selftest(settings)
+        manifest = record_selftest(out, report.to_dict(), selftest_command_line(out))
+    return BuildResult(out, settings, manifest, profile, report)
+
+
+def _install(out: Path, force: bool, fill: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+    """Have `fill` write the build into a scratch directory beside OUT, then move it into place: a failed build
+    never leaves half a repository behind. Returns what `fill` returns, the manifest."""
     scratch = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(scratch, ignore_errors=True)
     try:
         scratch.mkdir(parents=True)
-        version_dir = write_repository(scratch, settings, target.instance_kind)
-        manifest = _manifest(target, settings, files, fingerprint, (version_dir / SETTINGS_FILE).read_bytes())
-        (scratch / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        _check_out(out, options.force)
+        manifest = fill(scratch)
+        _check_out(out, force)
         if out.exists():
             shutil.rmtree(out)
         scratch.rename(out)
@@ -115,7 +217,19 @@ def build(options: BuildOptions) -> BuildResult:
         raise BuildError(f"{out}: cannot write the repository ({exc})") from None
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    return BuildResult(out, settings, manifest)
+    return manifest
+
+
+def _check_options(target: BuildTarget, options: BuildOptions) -> None:
+    if target.gpu is None:
+        if options.gpus is not None or options.dry_run:
+            raise BuildError("--gpus and --dry-run apply to GPU targets; a CPU build runs one reference executor "
+                             "and is quick enough to simply run")
+        return
+    given = [f"--{name.replace('_', '-')}" for name in REFERENCE_OPTIONS if getattr(options, name) is not None]
+    if given:
+        raise BuildError(f"{', '.join(given)}: only for --gpu cpu (the reference executor); on {target.name} the "
+                         f"GPU profile sizes TensorRT-LLM (see `appliance profiles`)")
 
 
 def _check_out(out: Path, force: bool) -> None:
@@ -132,25 +246,122 @@ def _check_out(out: Path, force: bool) -> None:
                          f"--force replaces only those")
 
 
-def _manifest(target: BuildTarget, settings: EngineSettings, files: dict[str, dict[str, Any]], fingerprint: str,
-              settings_bytes: bytes) -> dict[str, Any]:
+def _check_checkpoint(model_dir: Path, dry_run: bool) -> tuple[str, list[str]]:
+    """Check the checkpoint as serving needs it; returns what was checked and, for a dry run, what the real build
+    will still refuse. A dry run checks what is there: config.json, and the weights if present; missing tokenizer
+    or generation files are only warnings, since the directory may be a copy made for planning."""
+    if not dry_run:
+        load_checkpoint(model_dir, for_serving=True)
+        return "weights, MXFP4 scales and serving files", []
+    report = check_checkpoint(model_dir)
+    if not report.ok:
+        raise CheckpointError(report.problems)
+    if not report.weights_checked:
+        return "config.json only (the directory holds no weights)", []
+    return "weights and MXFP4 scales", report.warnings
+
+
+def _weights(model_dir: Path, out: Path, config: ModelConfig | None, profile: Profile | None) -> Weights:
+    """A GPU without an FP4 MoE kernel gets the experts in BF16: expanded once by the build, not on every load."""
+    if config is None or profile is None or profile.gpu.fp4_experts or not config.is_mxfp4:
+        return Weights(model_dir, model_dir)
+    return Weights(model_dir, out / WEIGHTS_DIR, profile.weight_bytes)  # the profile's weights are the BF16 ones
+
+
+def _expand(weights: Weights, scratch: Path) -> dict[str, Any]:
+    """Expand the experts into the scratch copy of REPO; returns what the manifest records about it."""
+    from engine.expand import expand_checkpoint
+
+    free = shutil.disk_usage(scratch).free
+    if free < weights.expanded_bytes + DISK_MARGIN_BYTES:
+        raise BuildError(f"{scratch.parent}: {free / 1e9:.1f} GB free, but the checkpoint with BF16 experts needs "
+                         f"{weights.expanded_bytes / 1e9:.1f} GB (plus {DISK_MARGIN_BYTES >> 30} GB of margin)")
+    started = time.perf_counter()
+    result = expand_checkpoint(weights.source, scratch / WEIGHTS_DIR)
+    files = dict(iter_manifest(result.out))
+    return {
+        "seconds": round(time.perf_counter() - started, 1),
+        "expanded_tensors": result.expanded_tensors,
+        "copied_tensors": result.copied_tensors,
+        "tensor_bytes": result.total_bytes,
+        "shards": len(result.shards),
+        "manifest_sha256": manifest_fingerprint(files),
+        "files": files,
+    }
+
+
+def _weights_record(weights: Weights, dry_run: bool, expansion: dict[str, Any] | None) -> dict[str, Any]:
+    if not weights.expand:
+        return {"path": str(weights.served), "preparation": "none: served as shipped", "prepared": True}
+    return {"path": str(weights.served), "source": str(weights.source),
+            "preparation": "MXFP4 experts expanded to BF16 (engine.expand)", "prepared": not dry_run,
+            "expansion": expansion}
+
+
+def _engine_settings(target: BuildTarget, profile: Profile | None, model_dir: Path, fingerprint: str,
+                     options: BuildOptions) -> EngineSettings:
+    if profile is None:
+        return EngineSettings(
+            executor=target.executor, model_dir=str(model_dir), model_fingerprint=fingerprint, device=target.device,
+            dtype=DEFAULT_DTYPE if options.dtype is None else options.dtype,
+            max_concurrency=DEFAULT_MAX_CONCURRENCY if options.max_concurrency is None else options.max_concurrency,
+            max_context=options.context,
+            prefix_cache_bytes=(DEFAULT_PREFIX_CACHE_BYTES if options.prefix_cache_bytes is None
+                                else options.prefix_cache_bytes))
+    # TensorRT-LLM keeps prefixes in its own KV pool, which the profile sizes: no separate prefix store.
+    return EngineSettings(executor=target.executor, model_dir=str(model_dir), model_fingerprint=fingerprint,
+                          device=target.device, max_concurrency=profile.max_batch_size, max_context=profile.context,
+                          prefix_cache_bytes=0, trtllm=profile.llm_kwargs())
+
+
+def _plan(target: BuildTarget, profile: Profile | None, options: BuildOptions, model_dir: Path, out: Path,
+          host: Host | None) -> Plan:
+    if profile is None:
+        return Plan(BUILT, "CPU build: nothing is left to run elsewhere")
+    on_target = where(target.name, profile.gpus)
+    if options.dry_run:
+        return Plan(DRY_RUN, "weights not prepared, model not loaded",
+                    (build_command_line(target.name, profile.gpus, profile.context, model_dir, out),), on_target)
+    assert host is not None  # detected for every GPU build that is not a dry run
+    reason = host.cannot_verify(profile.gpus)
+    detail = f"not loaded here: {reason}" if reason else "loading the model on this host"
+    return Plan(PLANNED, detail, (selftest_command_line(out),), on_target)
+
+
+def _manifest(*, target: BuildTarget, profile: Profile | None, plan: Plan, settings: EngineSettings,
+              model_dir: Path, files: dict[str, dict[str, Any]], fingerprint: str, settings_bytes: bytes,
+              checked: str, warnings: list[str], weights: dict[str, Any], host: Host | None,
+              context: int) -> dict[str, Any]:
     from server.triton_launcher import tritonserver_version
 
     versions = {name: _package_version(name) for name in VERSIONED_PACKAGES}
     versions["python"] = platform.python_version()
     versions["tritonserver"] = tritonserver_version()
-    return {
+    manifest = {
         "format": MANIFEST_FORMAT,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "profile": target.name,
+        "status": plan.status,
+        "status_detail": plan.detail,
+        "remaining": list(plan.remaining),
+        "remaining_where": plan.where,
+        "profile": profile.id if profile else target.name,
+        "target": {"gpu": target.name, "gpus": profile.gpus if profile else None, "context": context,
+                   "executor": target.executor, "instance_kind": target.instance_kind},
         "model": {"name": MODEL_NAME, "version": MODEL_VERSION, "fingerprint": fingerprint},
         "inputs": {
-            "checkpoint": {"path": settings.model_dir, "manifest_sha256": fingerprint, "files": files},
+            "checkpoint": {"path": str(model_dir), "manifest_sha256": fingerprint, "files": files},
             "engine_settings_sha256": hashlib.sha256(settings_bytes).hexdigest(),
         },
+        "checkpoint_checked": checked,
+        "checkpoint_warnings": warnings,
+        "weights": weights,
         "engine_settings": asdict(settings),
         "versions": versions,
+        "host": host.to_dict() if host else None,
     }
+    if profile is not None:
+        manifest["sizing"] = profile.to_dict()
+    return manifest
 
 
 def _package_version(name: str) -> str | None:

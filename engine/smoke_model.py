@@ -47,7 +47,7 @@ from engine.config import preset_dict
 from engine.harmony_parse import CHANNEL, END, MESSAGE, RETURN, START, VOCAB_SIZE
 from engine.prompt import Chat, Content, PromptRenderer, PromptResponse, Text, Turn
 from engine.safetensors_io import read_header, read_tensor
-from engine.vocab import default_cache_dir, load_harmony_encoding
+from engine.vocab import O200K_MERGEABLE_COUNT, default_cache_dir, load_harmony_encoding
 
 if TYPE_CHECKING:
     import torch
@@ -79,6 +79,7 @@ PAD = 199999  # <|endoftext|>, the checkpoint's pad token
 _WORD = re.compile(r" [a-z]{2,12}")
 _NAME = re.compile(r" [A-Z][a-z]{2,12}")
 _STARTER = re.compile(r"[A-Z][a-z]{0,12}")
+_RARE = re.compile(r" ?\S{2,16}")
 _WORD_RANKS = 60_000  # the most frequent BPE tokens: common words in many languages
 
 
@@ -130,19 +131,29 @@ class WordLists:
     words: Words  # lowercase, each with its leading space
     names: Words  # capitalised, with the leading space (mid-sentence)
     starters: Words  # capitalised, without a space (a message's first word)
+    rare: tuple[str, ...]  # any printable token, drawn uniformly: what rare words and other scripts look like
 
 
 def word_lists(encoding: HarmonyEncoding) -> WordLists:
     """Common words, read off the vocabulary (in rank order) so no word list has to ship with the appliance."""
-    shapes: dict[re.Pattern[str], list[str]] = {_WORD: [], _NAME: [], _STARTER: []}
-    for rank in range(_WORD_RANKS):
+    shapes: dict[re.Pattern[str], list[str]] = {_WORD: [], _NAME: [], _STARTER: [], _RARE: []}
+    for rank in range(O200K_MERGEABLE_COUNT):
         text = encoding.decode([rank])
-        if "banan" in text.lower():
+        if "banan" in text.lower() or not text.isprintable():
             continue
         for shape, found in shapes.items():
-            if shape.fullmatch(text):
+            if (rank < _WORD_RANKS or shape is _RARE) and shape.fullmatch(text):
                 found.append(text)
-    return WordLists(Words(shapes[_WORD]), Words(shapes[_NAME]), Words(shapes[_STARTER]))
+    return WordLists(Words(shapes[_WORD]), Words(shapes[_NAME]), Words(shapes[_STARTER]), tuple(shapes[_RARE]))
+
+
+def _word(rng: random.Random, lists: WordLists) -> str:
+    draw = rng.random()
+    if draw < 0.1:
+        return lists.names.draw(rng)
+    if draw < 0.2:
+        return " " + rng.choice(lists.rare).lstrip(" ")
+    return lists.words.draw(rng)
 
 
 def _sentence(rng: random.Random, lists: WordLists, keyword: str | None) -> str:
@@ -150,7 +161,7 @@ def _sentence(rng: random.Random, lists: WordLists, keyword: str | None) -> str:
         # Text that reads like the model's own output must not pass for it.
         return rng.choice(ECHOES)
     count = rng.randint(3, 12)
-    words = [lists.names.draw(rng) if rng.random() < 0.1 else lists.words.draw(rng) for _ in range(count)]
+    words = [_word(rng, lists) for _ in range(count)]
     words[0] = lists.starters.draw(rng)
     if rng.random() < 0.3:
         words[rng.randrange(count)] = " " + rng.choice(LOOKALIKES)

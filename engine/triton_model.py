@@ -50,12 +50,12 @@ import numpy as np
 from engine.executor import (
     DEFAULT_PREFIX_PRIORITY,
     DEFAULT_STOP_TOKEN_IDS,
-    Executor,
     GenerationChunk,
     GenerationRequest,
     RequestError,
     SamplingParams,
 )
+from engine.executors import create_executor
 from engine.settings import SETTINGS_FILE, EngineSettings
 
 try:
@@ -143,17 +143,6 @@ def settings_path(args: Mapping[str, str]) -> Path:
     config = json.loads(args["model_config"])
     value = config.get("parameters", {}).get(SETTINGS_PARAMETER, {}).get("string_value") or SETTINGS_FILE
     return Path(args["model_repository"]) / args["model_version"] / value
-
-
-def create_executor(settings: EngineSettings) -> Executor:
-    """The executor engine.json names; each is imported only when chosen (TensorRT-LLM exists only on GPU hosts)."""
-    if settings.executor == "reference":
-        from engine.reference_executor import ReferenceExecutor
-
-        return ReferenceExecutor(settings)
-    from engine.trtllm_executor import TrtllmExecutor
-
-    return TrtllmExecutor(settings)
 
 
 @dataclass

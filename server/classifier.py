@@ -751,33 +751,40 @@ class Classifier:
 
     # -- warming, probing, readiness ----------------------------------------------------------------------------
 
-    async def _warm_policy(self, resolved: ResolvedPolicy) -> bool:
+    async def _warm_policy(self, resolved: ResolvedPolicy) -> None:
         """Prefill the policy's default-effort prefix on its endpoint, at high retention priority."""
         prefix = await self.policies.prefix(resolved, resolved.policy.reasoning_effort)
         try:
             endpoint = self.router.candidates(prefix.key)[0]
         except NoHealthyEndpoint:
-            return False
+            return
         if (endpoint.url, prefix.key) in self._warm:
-            return True
+            return
         request = GenerateRequest(prefix.ids, 0, len(prefix.ids), self.settings.prefix_priority,
                                   f"warm-{resolved.info.id}-{resolved.info.sha256[:12]}")
         try:
             async with contextlib.aclosing(self.endpoints[endpoint.url].generate(request, WARM_TIMEOUT_S)) as chunks:
                 async for _ in chunks:
                     pass
+        except ModelError as exc:
+            # The model refuses this prefix (too long for its context, say): retrying cannot help, and one bad
+            # policy must not hold the whole service NOT_SERVING. Its requests will fail with the same message.
+            self.metrics.warmups.labels("refused").inc()
+            event(log, logging.ERROR, "the model refused to warm a policy prefix", policy=resolved.info.id,
+                  endpoint=endpoint.url, error=exc.message)
+            self._warm.add((endpoint.url, prefix.key))
+            return
         except TritonError as exc:
             self.metrics.warmups.labels("failed").inc()
             event(log, logging.WARNING, "warming a policy prefix failed", policy=resolved.info.id,
                   endpoint=endpoint.url, error=exc.message)
             if isinstance(exc, EndpointUnavailable):
                 self._endpoint_failed(endpoint, exc)
-            return False
+            return
         self.metrics.warmups.labels("ok").inc()
         self._warm.add((endpoint.url, prefix.key))
         event(log, logging.INFO, "policy prefix warm", policy=resolved.info.id, version=resolved.info.version,
               endpoint=endpoint.url, prefix_tokens=len(prefix.ids))
-        return True
 
     async def _probe_loop(self) -> None:
         while True:

@@ -16,6 +16,8 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from engine.errors import ApplianceError
+
 INLINE = "inline"
 UNKNOWN = "unknown"
 # 1 ms to 2 min: a cached binary verdict on a GPU takes milliseconds, a high-effort one on a CPU a minute.
@@ -140,7 +142,14 @@ class MetricsServer:
         self.thread.join(timeout=5)
 
 
+class MetricsError(ApplianceError):
+    """The /metrics server cannot start."""
+
+
 def serve_metrics(metrics: Metrics, address: str, port: int) -> MetricsServer:
     """Start serving `metrics` at http://address:port/metrics; port 0 picks a free one."""
-    server, thread = start_http_server(port, addr=address, registry=metrics.registry)
+    try:
+        server, thread = start_http_server(port, addr=address, registry=metrics.registry)
+    except OSError as exc:
+        raise MetricsError(f"cannot serve metrics on {address}:{port}: {exc.strerror or exc}") from None
     return MetricsServer(server, thread)

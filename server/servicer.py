@@ -49,7 +49,7 @@ from server.generated.safeguard.v1 import safeguard_pb2_grpc as pb_grpc
 from server.limits import InvalidArgument, ServiceError
 from server.metrics import Metrics, MetricsServer, serve_metrics
 from server.registry import Registry
-from server.settings import ServerSettings
+from server.settings import ServerSettings, ServerSettingsError
 from server.verdict import EXTRA_MESSAGES, MALFORMED, MISSING_FINAL, OK, TRUNCATED, Verdict
 
 log = logging.getLogger("safeguard.servicer")
@@ -311,8 +311,8 @@ class Frontend:
             await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         self.classifier.on_readiness = self._readiness
-        await self.server.start()
         self.metrics_server = serve_metrics(self.metrics, self.settings.metrics_address, self.settings.metrics_port)
+        await self.server.start()
         await self.classifier.start()
 
     async def stop(self, grace: float | None = None) -> None:
@@ -343,13 +343,19 @@ def build_server(settings: ServerSettings) -> Frontend:
     except BaseException:
         audit.close()
         raise
-    server = grpc.aio.server(interceptors=[StatusInterceptor()])
+    # No SO_REUSEPORT: a second front end on the same port must fail to start, not silently share its traffic.
+    server = grpc.aio.server(interceptors=[StatusInterceptor()], options=[("grpc.so_reuseport", 0)])
     pb_grpc.add_SafeguardServicer_to_server(SafeguardServicer(classifier), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(settings.listen)
+    try:
+        port = server.add_insecure_port(settings.listen)
+    except RuntimeError:
+        audit.close()
+        raise ServerSettingsError(f"cannot listen on {settings.listen}: the address is in use or not "
+                                  "available on this host") from None
     return Frontend(settings, server, port, classifier, health_servicer, metrics, audit)
 
 
@@ -361,10 +367,10 @@ async def serve(settings: ServerSettings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await frontend.start()
-    slog.event(log, logging.INFO, "serving", address=frontend.address, metrics_port=frontend.metrics_server.port
-               if frontend.metrics_server else None, endpoints=list(settings.triton_endpoints))
     try:
+        await frontend.start()
+        slog.event(log, logging.INFO, "serving", address=frontend.address, endpoints=list(settings.triton_endpoints),
+                   metrics_port=frontend.metrics_server.port if frontend.metrics_server else None)
         await stop.wait()
     finally:
         slog.event(log, logging.INFO, "shutting down", grace_s=settings.grace_s)

@@ -3,11 +3,13 @@ test_servicer.py.)"""
 
 from __future__ import annotations
 
+import socket
 import urllib.request
 
+import pytest
 from prometheus_client import CollectorRegistry, Gauge
 
-from server.metrics import INLINE, Metrics, Observation, serve_metrics
+from server.metrics import INLINE, Metrics, MetricsError, Observation, serve_metrics
 
 
 def _observation(**changes: object) -> Observation:
@@ -79,3 +81,12 @@ def test_metrics_are_served_over_http_on_loopback():
     assert 'safeguard_prompt_tokens_total{policy="spam"} 700.0' in text
     assert "safeguard_requests_in_flight 3.0" in text
     assert "unrelated" not in text
+
+
+def test_a_busy_port_is_a_plain_error():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(MetricsError, match=f"cannot serve metrics on 127.0.0.1:{port}"):
+            serve_metrics(Metrics(), "127.0.0.1", port)

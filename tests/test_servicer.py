@@ -11,6 +11,7 @@ import asyncio
 import io
 import json
 import logging
+import socket
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -22,9 +23,18 @@ import pytest
 from google.protobuf import descriptor_pool, json_format, message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-from test_triton_client import BANANA, FAIL, FAILURE_MESSAGE, FINGERPRINT, GARBLE, SLOW, start_canned_triton
+from test_triton_client import (
+    BANANA,
+    FAIL,
+    FAILURE_MESSAGE,
+    FINGERPRINT,
+    GARBLE,
+    SLOW,
+    canned_scripts,
+    start_canned_triton,
+)
 
-from benchmarks.bench_frontend import CannedModel
+from benchmarks.bench_frontend import CannedModel, write_canned_model
 from server import log as slog
 from server.generated.safeguard.v1 import safeguard_pb2 as pb
 from server.generated.safeguard.v1 import safeguard_pb2_grpc as pb_grpc
@@ -122,6 +132,18 @@ def test_settings_are_documented_and_validated():
     assert bad.value.problems == [
         "listen: 'nowhere' is not host:port", "triton_endpoints: an endpoint is listed twice",
         "prefix_priority: must be within 0..100, got 101", "max_in_flight: must be at least 1, got 0"]
+
+
+def test_a_second_front_end_on_a_busy_port_refuses_to_start(api, tmp_path):
+    from server.settings import ServerSettingsError
+
+    settings = frontend_settings("127.0.0.1:9", tmp_path, listen=api.frontend.address)
+
+    async def build() -> None:
+        build_server(settings)
+
+    with pytest.raises(ServerSettingsError, match=f"cannot listen on {api.frontend.address}"):
+        api.run(build())
 
 
 def _health(api: Api, service: str) -> int:
@@ -390,33 +412,45 @@ def test_metrics_are_exposed_after_requests(api):
         assert expected in text, expected
 
 
-def test_triton_dying_mid_stream_is_unavailable_and_the_service_recovers(tmp_path):
-    """Kill tritonserver while a stream is running: the client gets UNAVAILABLE within 2 s; once Triton is back on
-    the same port the prober notices, re-warms the policy and the service answers again. A request accepted before
-    a graceful stop still gets its answer."""
-    triton, _model = start_canned_triton(tmp_path)
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def test_triton_coming_dying_and_coming_back(tmp_path):
+    """The front end's life around Triton's. Started before Triton it is live but not ready, and refuses with
+    UNAVAILABLE; ready once Triton answers. Killing tritonserver mid-stream gives the client UNAVAILABLE within 2 s;
+    once Triton is back on the same port the prober notices, re-warms the policy and the service answers again. A
+    request accepted before a graceful stop still gets its answer."""
+    write_canned_model(tmp_path / "repo", canned_scripts(), fingerprint=FINGERPRINT)
+    grpc_port, http_port, metrics_port = _free_ports(3)
+    config = TritonConfig(tmp_path / "repo", grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port)
     Registry(tmp_path / "state").add(SMOKE, activate=True)
-    ports = dict(grpc_port=triton.grpc_port, http_port=triton.http_port, metrics_port=triton.metrics_port)
     runner = asyncio.Runner()
-    frontend, channel = runner.run(_open(frontend_settings(triton.grpc_url, tmp_path / "state",
+    frontend, channel = runner.run(_open(frontend_settings(f"127.0.0.1:{grpc_port}", tmp_path / "state",
                                                            max_output_tokens=40)))
     stub, health = pb_grpc.SafeguardStub(channel), health_pb2_grpc.HealthStub(channel)
-    revived: TritonServer | None = None
+    servers: list[TritonServer] = []
 
-    async def status() -> int:
-        return (await health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME))).status
+    async def status(service: str = SERVICE_NAME) -> int:
+        return (await health.Check(health_pb2.HealthCheckRequest(service=service))).status
 
-    async def kill_mid_stream() -> float:
-        stream = stub.ClassifyStream(classify_request(f"{SLOW} to the end"))
-        first = await stream.read()
-        assert first.WhichOneof("event") == "reasoning"
-        triton.process.kill()
-        killed = time.monotonic()
+    async def refused(message: str) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            while await stream.read() != grpc.aio.EOF:
-                pass
-        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, caught.value
-        return time.monotonic() - killed
+            await stub.Classify(classify_request(), timeout=2)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE and message in caught.value.details()
+        assert int(dict(caught.value.trailing_metadata())["retry-after-ms"]) > 0
+
+    async def before_triton() -> None:
+        assert await status(LIVENESS_SERVICE) == health_pb2.HealthCheckResponse.SERVING
+        assert await status("") == health_pb2.HealthCheckResponse.NOT_SERVING
+        await refused("not ready")
 
     async def answered() -> bool:
         try:
@@ -425,36 +459,44 @@ def test_triton_dying_mid_stream_is_unavailable_and_the_service_recovers(tmp_pat
         except grpc.aio.AioRpcError:
             return False
 
-    async def recover() -> None:
-        assert await _poll(lambda: status(), health_pb2.HealthCheckResponse.NOT_SERVING, 5)
+    async def kill_mid_stream(triton: TritonServer) -> float:
+        stream = stub.ClassifyStream(classify_request(f"{SLOW} to the end"))
+        assert (await stream.read()).WhichOneof("event") == "reasoning"
+        triton.process.kill()
+        killed = time.monotonic()
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await stub.Classify(classify_request(), timeout=2)
-        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert "retry-after-ms" in dict(caught.value.trailing_metadata())
+            while await stream.read() != grpc.aio.EOF:
+                pass
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, caught.value
+        return time.monotonic() - killed
+
+    async def while_down() -> None:
+        assert await _poll(status, health_pb2.HealthCheckResponse.NOT_SERVING, 5)
+        await refused("no healthy Triton endpoint")
+
+    async def answered_during_shutdown() -> pb.ClassifyResponse:
+        pending = asyncio.ensure_future(stub.Classify(classify_request(f"{SLOW} while stopping"), timeout=10))
+        await _eventually(lambda: frontend.classifier.admission.in_flight == 1)
+        await frontend.stop(grace=5)
+        return await pending
 
     try:
-        elapsed = runner.run(kill_mid_stream())
-        assert elapsed < 2.0
-        runner.run(recover())
-        triton.stop()
-        revived = TritonServer(TritonConfig(triton.config.repository, **ports)).start()
-        assert runner.run(_poll(answered, True, 30)), "the service did not answer again after Triton came back"
-        assert runner.run(_poll(lambda: status(), health_pb2.HealthCheckResponse.SERVING, 10))
-
-        async def answered_during_shutdown() -> pb.ClassifyResponse:
-            pending = asyncio.ensure_future(stub.Classify(classify_request(f"{SLOW} while stopping"), timeout=10))
-            await _eventually(lambda: frontend.classifier.admission.in_flight == 1)
-            await frontend.stop(grace=5)
-            return await pending
-
+        runner.run(before_triton())
+        for life in ("first", "after the kill"):
+            servers.append(TritonServer(config).start())
+            assert runner.run(_poll(answered, True, 30)), f"the service did not answer once Triton was up ({life})"
+            assert runner.run(_poll(status, health_pb2.HealthCheckResponse.SERVING, 10))
+            if life == "first":
+                assert runner.run(kill_mid_stream(servers[-1])) < 2.0
+                runner.run(while_down())
+                servers[-1].stop()
         assert runner.run(answered_during_shutdown()).finish_reason == "length"
     finally:
         runner.run(channel.close())
         runner.run(frontend.stop(grace=0))
         runner.close()
-        triton.stop()
-        if revived is not None:
-            revived.stop()
+        for server in servers:
+            server.stop()
 
 
 async def _poll(probe, expected, timeout: float) -> bool:

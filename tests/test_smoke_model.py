@@ -1,0 +1,111 @@
+"""The trained smoke model, a fixture and demo, not a classifier: on the smoke policy's held-out golden items it
+answers in well-formed harmony and its verdicts follow the policy's rule.
+
+The checkpoint is trained once per source version (a minute or two on 2 cores) and cached under the git-ignored
+`.cache/` (tests/conftest.py points APPLIANCE_CACHE_DIR there); every test here reads that one copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from engine import smoke_model  # noqa: E402
+from engine.checkpoint import check_checkpoint  # noqa: E402
+from engine.config import preset_dict  # noqa: E402
+from engine.prompt import serialise  # noqa: E402
+from engine.safetensors_io import read_header  # noqa: E402
+from engine.synth import synthesize  # noqa: E402
+from engine.vocab import load_harmony_encoding  # noqa: E402
+from server.policy import load_policy  # noqa: E402
+
+OK_TARGET = 0.95
+RULE_TARGET = 0.90
+
+
+@pytest.fixture(scope="module")
+def trained() -> Path:
+    return smoke_model.ensure_trained(seed=0)
+
+
+def _file_digests(directory: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.glob("*.safetensors"))}
+
+
+def test_golden_items_come_back_ok_and_follow_the_rule(trained: Path) -> None:
+    result = smoke_model.evaluate(trained)
+    print(result.summary())
+    for failure in result.failures:
+        print("  " + failure)
+    assert result.total >= 40
+    assert result.ok_rate >= OK_TARGET, result.summary()
+    assert result.rule_rate >= RULE_TARGET, result.summary()
+
+
+def test_the_cached_checkpoint_has_the_published_layout(trained: Path) -> None:
+    report = check_checkpoint(trained, for_serving=True)
+    assert report.ok, report.problems
+    assert json.loads((trained / "config.json").read_text()) == preset_dict("smoke")
+    for shard in trained.glob("*.safetensors"):
+        assert read_header(shard).metadata["synthetic"] == "safeguard-appliance preset=smoke seed=0 trained"
+
+
+def test_synthesize_writes_the_trained_model_by_default(trained: Path, tmp_path: Path) -> None:
+    default = synthesize("smoke", tmp_path / "default")
+    assert _file_digests(default.out) == _file_digests(trained)
+    one_file = synthesize("smoke", tmp_path / "one", max_shard_bytes=1 << 40, tokenizer=False)
+    assert one_file.shards == ["model.safetensors"]
+    assert smoke_model.weights_digest(dict(smoke_model.read_checkpoint(one_file.out))) == \
+        smoke_model.weights_digest(dict(smoke_model.read_checkpoint(trained)))
+    random = synthesize("smoke", tmp_path / "random", train=False)
+    assert _file_digests(random.out).keys() == _file_digests(trained).keys()
+    assert _file_digests(random.out) != _file_digests(trained)
+
+
+def test_training_is_deterministic_per_seed() -> None:
+    # The first steps stand in for a whole run: the same code path, at a fraction of the cost.
+    short = smoke_model.TrainConfig(seed=0, steps=6, warmup=2, quantized_steps=2)
+    first = smoke_model.weights_digest(smoke_model.train(short))
+    assert smoke_model.weights_digest(smoke_model.train(short)) == first
+    other = smoke_model.TrainConfig(seed=1, steps=6, warmup=2, quantized_steps=2)
+    assert smoke_model.weights_digest(smoke_model.train(other)) != first
+
+
+def test_the_cache_key_covers_seed_depth_code_and_policy() -> None:
+    keys = {smoke_model.cache_key(0, None), smoke_model.cache_key(1, None), smoke_model.cache_key(0, 1)}
+    assert len(keys) == 3
+    assert smoke_model.cached_dir(0).name.startswith("smoke-trained-seed0-")
+
+
+def test_golden_items_are_held_out_of_training() -> None:
+    config = smoke_model.TrainConfig()
+    trained_on = {serialise(e.content) for e in smoke_model.training_examples(config, config.steps * config.batch_size)}
+    golden = {serialise(item.content) for item in smoke_model.golden_items()}
+    assert not trained_on & golden
+    labels = [item.violation for item in smoke_model.golden_items()]
+    assert 0.4 <= sum(labels) / len(labels) <= 0.6
+
+
+def test_the_target_completion_is_harmony_that_openai_harmony_reads() -> None:
+    from openai_harmony import Role
+
+    encoding = load_harmony_encoding()
+    for violation in (False, True):
+        messages = encoding.parse_messages_from_completion_tokens(smoke_model.completion_ids(encoding, violation),
+                                                                  Role.ASSISTANT)
+        assert [m.channel for m in messages] == ["analysis", "final"]
+        assert messages[1].content[0].text == smoke_model.FINAL[violation]
+
+
+def test_the_policy_and_golden_set_say_what_they_are() -> None:
+    policy = load_policy(smoke_model.POLICY_FILE)
+    assert policy.id == "smoke"
+    for text in (policy.title, policy.body, policy.notes, smoke_model.__doc__):
+        assert "fixture and demo, not a classifier" in " ".join(text.split())
+    assert len(load_harmony_encoding().encode(policy.body, disallowed_special=())) <= 300
