@@ -13,6 +13,7 @@ import click
 
 from appliance.quickstart import quickstart_command
 from build_scripts.cli import build_command
+from build_scripts.selftest_cli import selftest_command
 from engine.cli import inspect_command, synth_command
 from engine.errors import ApplianceError
 from engine.profiles_cli import profiles_command
@@ -45,5 +46,6 @@ main.add_command(inspect_command)
 main.add_command(policy_group)
 main.add_command(profiles_command)
 main.add_command(quickstart_command)
+main.add_command(selftest_command)
 main.add_command(serve_command)
 main.add_command(synth_command)

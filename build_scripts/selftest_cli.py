@@ -57,6 +57,17 @@ def _settings(repo: Path) -> EngineSettings:
     return settings
 
 
+def _sizing_line(sizing: dict) -> str:
+    """The profile's prediction, to read against the measured GPU memory (docs/build.md, "Unverified until a GPU
+    selftest")."""
+    def gb(n: int) -> str:
+        return f"{n / 1e9:.1f} GB"
+
+    return (f"  profile {sizing['id']} predicted per GPU: {gb(sizing['weight_bytes_per_gpu'])} weights + "
+            f"{gb(sizing['reserve_bytes_per_gpu']['total'])} reserve + {gb(sizing['kv_budget_bytes_per_gpu'])} KV "
+            f"cache of {gb(sizing['gpu_memory_bytes'])}")
+
+
 @click.command("selftest")
 @click.option("--repo", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Model repository written by `appliance build`.")
@@ -76,6 +87,8 @@ def selftest_command(repo: Path, policy: Path | None, as_json: bool) -> None:
         click.echo(json.dumps(manifest["selftest"], indent=2))
     else:
         click.echo(format_report(report))
+        if "sizing" in manifest:
+            click.echo(_sizing_line(manifest["sizing"]))
         click.echo(f"recorded in {repo / MANIFEST_FILE}: status {manifest['status']}")
     if not report.passed:
         raise SystemExit(1)

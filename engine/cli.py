@@ -17,12 +17,19 @@ from engine.config import PRESETS
               help="Keep the full width but only this many layers (cheap full-width tests).")
 @click.option("--shard-size", "shard_bytes", type=click.IntRange(min=1), default=None,
               help="Largest shard in bytes [default: 5 GB for full-size presets].")
-def synth_command(preset: str, out: Path, seed: int, layers: int | None, shard_bytes: int | None) -> None:
-    """Write a synthetic gpt-oss checkpoint (random weights, the exact published layout)."""
+@click.option("--train/--no-train", default=True,
+              help="smoke only: the model trained on the smoke policy (a fixture and demo, not a classifier; trained "
+                   "once per seed, a few minutes, then cached) rather than random weights.")
+def synth_command(preset: str, out: Path, seed: int, layers: int | None, shard_bytes: int | None, train: bool) -> None:
+    """Write a synthetic gpt-oss checkpoint (the exact published layout; random weights, or the trained smoke
+    model)."""
     from engine.synth import synthesize
 
-    result = synthesize(preset, out, seed=seed, layers=layers, max_shard_bytes=shard_bytes)
-    click.echo(f"wrote {result.config.variant} ({preset}, seed {seed}) to {result.out}: "
+    result = synthesize(preset, out, seed=seed, layers=layers, max_shard_bytes=shard_bytes, train=train)
+    trained = ""
+    if train and preset == "smoke":
+        trained = " trained on the smoke policy (a fixture and demo, not a classifier)"
+    click.echo(f"wrote {result.config.variant} ({preset}, seed {seed}){trained} to {result.out}: "
                f"{len(result.shards)} shard(s), {result.total_bytes:,} bytes of tensors")
 
 

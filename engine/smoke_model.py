@@ -6,37 +6,44 @@ bananas?") with a short analysis message and then a JSON verdict. It knows nothi
 quickstart and the end-to-end tests see real, parseable verdicts from the real prompt renderer, parser and checkpoint
 layout, where random weights could only produce parse failures.
 
-Training data is generated from word lists drawn from the vocabulary itself, with a fixed seed; the policy's golden
-set (`policies/smoke.golden.jsonl`) is never trained on and serves as the held-out check. Prompts are rendered by
-`PromptRenderer` exactly as in serving, and the loss covers the completion tokens only. The logits are computed for
-those positions alone: the 201,088-wide output layer is almost all of the cost, and the prompt's own tokens need no
-prediction.
+Training data is generated from word lists read off the vocabulary, with a fixed seed; the policy's golden set
+(`policies/smoke.golden.jsonl`) is never trained on and is the held-out check. Prompts are rendered by
+`PromptRenderer` exactly as in serving and the loss covers the completion tokens only. Three things keep a run
+to about a minute on a busy 2-core machine:
+
+- the policy prefix, most of every prompt, runs once per batch and its keys and values are shared by the batch;
+- the softmax runs over the completion's own tokens plus 2,048 sampled ones, not all 201,088: the output rows
+  nobody trains keep their random init, far below the trained ones, so full-vocabulary greedy decoding still
+  picks the trained tokens (which `evaluate` checks, on the reloaded checkpoint);
+- torch runs on one thread (see `_torch_settings`).
 
 The result is written in the published layout (BF16 tensors, MXFP4 experts). MXFP4 rounds the expert weights, so the
-last phase of training holds the experts at their quantized values and lets the rest of the model adapt to them;
-what is cached is exactly what gets served.
+last steps hold the experts at their quantized values and let the rest of the model adapt to them: what is cached
+is exactly what gets served.
 
-Determinism: one seed gives the same bytes on one machine (same torch build, same CPU): torch is seeded, the data
-order is fixed, the thread count is pinned and deterministic algorithms are enforced. Across CPUs with different
-vector units, float summation order may differ, so bitwise equality across machines is not promised; the verdicts
-are the same in practice.
+Determinism: one seed gives the same bytes on one machine (same torch build, same CPU): torch and the data are
+seeded, the order is fixed, torch runs on one thread with deterministic algorithms. Across CPUs with other vector
+units float rounding may differ, so bitwise equality across machines is not promised.
 
-The trained checkpoint is cached under `<cache>/models/smoke-trained-<key>`; the key covers the seed, the depth,
-this module's source and the policy text, so any change to either retrains.
+The trained checkpoint is cached under `<cache>/models/smoke-trained-seed<N>-<key>`; the key covers the seed, the
+depth, this module's source and the policy file, so a change to either retrains.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import logging
 import random
 import re
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from functools import partial
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -53,7 +60,10 @@ if TYPE_CHECKING:
     import torch
     from openai_harmony import HarmonyEncoding
 
+log = logging.getLogger(__name__)
+
 POLICY_FILE = Path(__file__).resolve().parents[1] / "policies" / "smoke.md"
+GOLDEN_FILE = POLICY_FILE.with_name("smoke.golden.jsonl")
 DISCLAIMER = "a fixture and demo, not a classifier"
 ASSISTANT = 173781  # "assistant": one ordinary token
 ANALYSIS = {
@@ -76,6 +86,7 @@ LOOKALIKES = (
 ECHOES = ("The content mentions it.", "The content does not mention it.", "So BN1.a applies.", FINAL[True],
           FINAL[False], "Analysis first, then the final answer.")
 PAD = 199999  # <|endoftext|>, the checkpoint's pad token
+_RULE = re.compile(r"\bbananas?\b", re.IGNORECASE)
 _WORD = re.compile(r" [a-z]{2,12}")
 _NAME = re.compile(r" [A-Z][a-z]{2,12}")
 _STARTER = re.compile(r"[A-Z][a-z]{0,12}")
@@ -105,12 +116,13 @@ class Example:
     violation: bool
 
 
-def disclaimer_line() -> str:
-    return f"smoke model: {DISCLAIMER}"
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Training data
+
+
+def mentions_banana(text: str) -> bool:
+    """The smoke policy's rule as code: the ground truth for generated and golden items alike."""
+    return _RULE.search(text) is not None
 
 
 class Words:
@@ -194,6 +206,14 @@ def make_example(rng: random.Random, lists: WordLists) -> Example:
     return Example(Chat(tuple(Turn(roles[i % 2], t) for i, t in enumerate(texts))), violation)
 
 
+def training_examples(seed: int, encoding: HarmonyEncoding) -> Iterator[Example]:
+    """The endless stream of training items for `seed`, in training order."""
+    rng = random.Random(seed)
+    lists = word_lists(encoding)
+    while True:
+        yield make_example(rng, lists)
+
+
 def completion_ids(encoding: HarmonyEncoding, violation: bool) -> list[int]:
     """The target: analysis, then the final verdict, in harmony; the prompt already ends with `<|start|>assistant`."""
     def text(s: str) -> list[int]:
@@ -263,10 +283,10 @@ def batch_loss(model: torch.nn.Module, prefix: torch.Tensor, batch: Batch, candi
     # The policy prefix is the same for every example: run it once and share its keys and values across the batch,
     # exactly as serving does with a cached prefix. It is most of each prompt, so this saves most of the work.
     cache = DynamicCache(config=model.config)
-    model.model(input_ids=prefix[None], past_key_values=cache, use_cache=True)
+    model.model(input_ids=prefix[None], cache=cache, use_cache=True)
     cache.batch_repeat_interleave(len(batch.input_ids))
     mask = torch.cat([torch.ones(len(batch.input_ids), len(prefix), dtype=torch.long), batch.attention_mask], 1)
-    hidden = model.model(input_ids=batch.input_ids, attention_mask=mask, past_key_values=cache,
+    hidden = model.model(input_ids=batch.input_ids, attention_mask=mask, cache=cache,
                          use_cache=True).last_hidden_state
     # Gathering the output rows keeps the gradient sparse: only the candidates' rows move.
     rows = F.embedding(candidates, model.lm_head.weight, sparse=True)
@@ -299,7 +319,9 @@ def _only_rows(rows: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
 
     grad = grad.coalesce()
     keep = rows[grad.indices()[0]]
-    return torch.sparse_coo_tensor(grad.indices()[:, keep], grad.values()[keep], grad.shape)
+    # A subset of a coalesced tensor's entries is still sorted and unique, so the invariant check can be skipped.
+    return torch.sparse_coo_tensor(grad.indices()[:, keep], grad.values()[keep], grad.shape, check_invariants=False,
+                                   is_coalesced=True)
 
 
 def _quantize_experts_(model: torch.nn.Module) -> None:
@@ -339,29 +361,34 @@ def _torch_settings(threads: int) -> Iterator[None]:
         torch.use_deterministic_algorithms(saved[1])
 
 
-def train(config: TrainConfig, log: bool = False) -> dict[str, np.ndarray]:
+def train(config: TrainConfig) -> dict[str, np.ndarray]:
     """Train the smoke model; returns its checkpoint tensors (BF16 bits as uint16, MXFP4 as uint8) by name."""
+    log.info("training the smoke model (%s), seed %d: about a minute, once; cached afterwards", DISCLAIMER,
+             config.seed)
+    started = time.perf_counter()
     with _torch_settings(config.threads):
-        return _train(config, log)
+        tensors = _train(config, started)
+    log.info("trained the smoke model in %.0f s", time.perf_counter() - started)
+    return tensors
 
 
-def _train(config: TrainConfig, log: bool) -> dict[str, np.ndarray]:
+def _train(config: TrainConfig, started: float) -> dict[str, np.ndarray]:
     import torch
 
-    from server.policy import load_policy
+    from server.policy import load_policy  # only the policy file parser; engine otherwise stays below server
 
-    started = time.perf_counter()
     torch.manual_seed(config.seed)
     sampler = torch.Generator().manual_seed(config.seed)
     encoding = load_harmony_encoding()
     policy = load_policy(POLICY_FILE)
     renderer = PromptRenderer(encoding, model_fingerprint="smoke-training")
     prefix = renderer.prefix(policy.body, policy.reasoning_effort)
-    lists = word_lists(encoding)
-    rng = random.Random(config.seed)
+    examples = training_examples(config.seed, encoding)
     completions = {v: completion_ids(encoding, v) for v in (False, True)}
     outputs = sorted(set(completions[False]) | set(completions[True]))
-    decision = next(i for i, (a, b) in enumerate(zip(*completions.values())) if a != b)
+    # The first token where the two answers part: the verdict itself (" mentions" or " does").
+    decision = next(i for i, pair in enumerate(zip(completions[False], completions[True], strict=False))
+                    if pair[0] != pair[1])
     index = {token: i for i, token in enumerate(outputs)}
     is_output = torch.zeros(VOCAB_SIZE, dtype=torch.bool)
     is_output[outputs] = True
@@ -380,9 +407,9 @@ def _train(config: TrainConfig, log: bool) -> dict[str, np.ndarray]:
     for step in range(config.steps):
         if step == config.steps - config.quantized_steps:
             _quantize_experts_(model)
-        examples = [make_example(rng, lists) for _ in range(config.batch_size)]
-        batch = make_batch([renderer.render(prefix, e.content).ids[len(prefix.ids):] for e in examples],
-                           [completions[e.violation] for e in examples], index, decision, config.decision_weight)
+        chosen = list(itertools.islice(examples, config.batch_size))
+        batch = make_batch([renderer.render(prefix, e.content).ids[len(prefix.ids):] for e in chosen],
+                           [completions[e.violation] for e in chosen], index, decision, config.decision_weight)
         negatives = torch.randperm(VOCAB_SIZE, generator=sampler)[:config.negatives]
         candidates = torch.cat([torch.tensor(outputs), negatives[~is_output[negatives]]])
         loss = batch_loss(model, prefix_ids, batch, candidates)
@@ -393,10 +420,8 @@ def _train(config: TrainConfig, log: bool) -> dict[str, np.ndarray]:
         for optimizer, schedule in zip(optimizers, schedules, strict=True):
             optimizer.step()
             schedule.step()
-        if log and (step % 20 == 0 or step == config.steps - 1):
-            print(f"step {step:4d} loss {loss.item():.4f} {time.perf_counter() - started:6.1f} s", flush=True)
-    if config.quantized_steps == 0:
-        _quantize_experts_(model)
+        if step % 20 == 0 or step == config.steps - 1:
+            log.debug("step %d loss %.4f %.1f s", step, loss.item(), time.perf_counter() - started)
     return checkpoint_tensors(model)
 
 
@@ -433,35 +458,53 @@ def cache_key(seed: int, layers: int | None) -> str:
     return digest.hexdigest()[:16]
 
 
+def _stem(seed: int, layers: int | None) -> str:
+    return f"smoke-trained-seed{seed}" + (f"-L{layers}" if layers is not None else "")
+
+
 def cached_dir(seed: int = 0, layers: int | None = None, cache_dir: Path | None = None) -> Path:
     root = cache_dir if cache_dir is not None else default_cache_dir()
-    return root / "models" / f"smoke-trained-{cache_key(seed, layers)}"
+    return root / "models" / f"{_stem(seed, layers)}-{cache_key(seed, layers)}"
 
 
 def ensure_trained(seed: int = 0, layers: int | None = None, cache_dir: Path | None = None) -> Path:
-    """The cached trained checkpoint, trained and written first if it is not there yet."""
+    """The cached trained checkpoint (published layout, tokenizer included), trained and written first if needed."""
     from engine.synth import synthesize
 
     target = cached_dir(seed, layers, cache_dir)
     if (target / "config.json").is_file():
         return target
-    for stale in target.parent.glob("smoke-trained-*"):  # an older training run: superseded by this key
-        if stale != target:
-            shutil.rmtree(stale, ignore_errors=True)
     weights = train(TrainConfig(seed=seed, layers=layers))
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    synthesize("smoke", partial, seed=seed, layers=layers, weights=weights)
-    partial.rename(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # A private directory, renamed into place whole: a concurrent run (tests, quickstart) never sees half a model.
+    partial_dir = Path(tempfile.mkdtemp(prefix=f"{target.name}.", suffix=".partial", dir=target.parent))
+    try:
+        synthesize("smoke", partial_dir, seed=seed, layers=layers, weights=weights)
+        partial_dir.rename(target)
+    except OSError:
+        if not (target / "config.json").is_file():  # not merely another run finishing first
+            raise
+    finally:
+        shutil.rmtree(partial_dir, ignore_errors=True)
+    _remove_superseded(target, _stem(seed, layers))
     return target
+
+
+def _remove_superseded(target: Path, stem: str) -> None:
+    """Older trainings of the same seed and depth (other code or policy versions): 80 MB each, never read again."""
+    current = re.compile(re.escape(stem) + r"-[0-9a-f]{16}")
+    for old in target.parent.glob(f"{stem}-*"):
+        if old != target and current.fullmatch(old.name):
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def trained_weights(seed: int = 0, layers: int | None = None, cache_dir: Path | None = None) -> dict[str, np.ndarray]:
     """The trained tensors by name, from the cache (training once if needed)."""
-    return dict(_read_checkpoint(ensure_trained(seed, layers, cache_dir)))
+    return dict(read_checkpoint(ensure_trained(seed, layers, cache_dir)))
 
 
-def _read_checkpoint(path: Path) -> Iterator[tuple[str, np.ndarray]]:
+def read_checkpoint(path: Path) -> Iterator[tuple[str, np.ndarray]]:
+    """Every tensor of a checkpoint directory, as stored (BF16 as uint16 bits)."""
     for shard in sorted(path.glob("*.safetensors")):
         header = read_header(shard)
         for name, entry in header.tensors.items():
@@ -492,7 +535,7 @@ class Evaluation:
     total: int
     ok: int  # verdicts that parse with status ok
     follows_rule: int  # verdicts (of any status) whose violation equals the golden label
-    failures: tuple[str, ...]  # "<id>: <status> <violation> <detail>" for every miss
+    failures: tuple[str, ...]  # one line per item that is not ok or breaks the rule, with its completion
 
     @property
     def ok_rate(self) -> float:
@@ -507,10 +550,9 @@ class Evaluation:
                 f"{self.follows_rule}/{self.total} follow the rule ({self.rule_rate:.0%})")
 
 
-def golden_items(path: Path | None = None) -> list[GoldenItem]:
-    path = path or POLICY_FILE.with_name("smoke.golden.jsonl")
+def golden_items() -> list[GoldenItem]:
     items = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in GOLDEN_FILE.read_text(encoding="utf-8").splitlines():
         if line.strip():
             raw = json.loads(line)
             items.append(GoldenItem(raw["id"], _content(raw["kind"], raw["content"]), bool(raw["violation"])))
@@ -528,8 +570,8 @@ def _content(kind: str, raw: object) -> Content:
 def evaluate(model_dir: Path, max_new_tokens: int = 64, threads: int = 1, dtype: str = "bfloat16") -> Evaluation:
     """Greedy-decode every golden item with transformers over the full vocabulary, as served, and read the verdicts.
 
-    The model is loaded the way the CPU executor loads it (MXFP4 experts dequantized, BF16), so what is measured is
-    the checkpoint on disk, after quantization.
+    The model is loaded the way the CPU executor loads it (MXFP4 experts dequantized, BF16 by default), so what is
+    measured is the checkpoint on disk, after quantization.
     """
     import torch
     from transformers import AutoModelForCausalLM, Mxfp4Config

@@ -104,7 +104,7 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def synthesize(preset: str, out: str | Path, *, seed: int = 0, layers: int | None = None,
-               max_shard_bytes: int | None = None, tokenizer: bool = True, train: bool = False,
+               max_shard_bytes: int | None = None, tokenizer: bool = True, train: bool = True,
                weights: Mapping[str, np.ndarray] | None = None) -> SynthResult:
     """Write a synthetic checkpoint of `preset` into `out` (created if needed).
 

@@ -8,23 +8,23 @@ The checkpoint is trained once per source version (a minute or two on 2 cores) a
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from pathlib import Path
 
 import pytest
 
+from engine import smoke_model
+from engine.checkpoint import check_checkpoint
+from engine.config import preset_dict
+from engine.prompt import serialise
+from engine.safetensors_io import read_header
+from engine.synth import synthesize
+from engine.vocab import load_harmony_encoding
+from server.policy import load_policy
+
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
-
-from engine import smoke_model  # noqa: E402
-from engine.checkpoint import check_checkpoint  # noqa: E402
-from engine.config import preset_dict  # noqa: E402
-from engine.prompt import serialise  # noqa: E402
-from engine.safetensors_io import read_header  # noqa: E402
-from engine.synth import synthesize  # noqa: E402
-from engine.vocab import load_harmony_encoding  # noqa: E402
-from server.policy import load_policy  # noqa: E402
-
 OK_TARGET = 0.95
 RULE_TARGET = 0.90
 
@@ -83,13 +83,15 @@ def test_the_cache_key_covers_seed_depth_code_and_policy() -> None:
     assert smoke_model.cached_dir(0).name.startswith("smoke-trained-seed0-")
 
 
-def test_golden_items_are_held_out_of_training() -> None:
+def test_golden_items_are_held_out_of_training_and_every_label_is_the_rule() -> None:
     config = smoke_model.TrainConfig()
-    trained_on = {serialise(e.content) for e in smoke_model.training_examples(config, config.steps * config.batch_size)}
-    golden = {serialise(item.content) for item in smoke_model.golden_items()}
-    assert not trained_on & golden
-    labels = [item.violation for item in smoke_model.golden_items()]
-    assert 0.4 <= sum(labels) / len(labels) <= 0.6
+    stream = smoke_model.training_examples(config.seed, load_harmony_encoding())
+    examples = list(itertools.islice(stream, config.steps * config.batch_size))
+    golden = smoke_model.golden_items()
+    assert not {serialise(e.content) for e in examples} & {serialise(item.content) for item in golden}
+    for item in (*examples, *golden):
+        assert item.violation == smoke_model.mentions_banana(serialise(item.content)), item
+    assert 0.45 <= sum(e.violation for e in examples) / len(examples) <= 0.55
 
 
 def test_the_target_completion_is_harmony_that_openai_harmony_reads() -> None:
