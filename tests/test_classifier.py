@@ -27,7 +27,7 @@ from test_triton_client import (
 )
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
-from benchmarks.bench_frontend import CannedModel
+from benchmarks.canned_model import CannedModel
 from engine.prompt import Chat, PromptResponse, Text, Turn
 from engine.vocab import load_harmony_encoding
 from server.audit import AuditLog

@@ -34,7 +34,7 @@ from test_triton_client import (
     start_canned_triton,
 )
 
-from benchmarks.bench_frontend import CannedModel, write_canned_model
+from benchmarks.canned_model import CannedModel, write_canned_model
 from server import log as slog
 from server.generated.safeguard.v1 import safeguard_pb2 as pb
 from server.generated.safeguard.v1 import safeguard_pb2_grpc as pb_grpc

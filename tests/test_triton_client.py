@@ -1,4 +1,4 @@
-"""The Triton client against a real tritonserver serving the canned model (benchmarks/bench_frontend.py), which
+"""The Triton client against a real tritonserver serving the canned model (benchmarks/canned_model.py), which
 implements the safeguard tensor contract and is steered by marker words in the prompt.
 
 The canned repository and its scripts are shared with test_classifier.py and test_servicer.py (imported from here).
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.bench_frontend import (
+from benchmarks.canned_model import (
     SAFE_ANALYSIS,
     SAFE_FINAL,
     UNSAFE_ANALYSIS,
