@@ -35,6 +35,7 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import random
 import re
 import shutil
@@ -61,6 +62,8 @@ if TYPE_CHECKING:
     from openai_harmony import HarmonyEncoding
 
 log = logging.getLogger(__name__)
+# The code that is running, read once: a long-lived process must not file its training under a newer file's key.
+_SOURCE = Path(__file__).read_bytes()
 
 POLICY_FILE = Path(__file__).resolve().parents[1] / "policies" / "smoke.md"
 GOLDEN_FILE = POLICY_FILE.with_name("smoke.golden.jsonl")
@@ -429,7 +432,7 @@ def _lr_factor(step: int, config: TrainConfig) -> float:
     if step < config.warmup:
         return (step + 1) / config.warmup
     progress = (step - config.warmup) / max(1, config.steps - config.warmup)
-    return 0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * progress))
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def checkpoint_tensors(model: torch.nn.Module) -> dict[str, np.ndarray]:
@@ -453,7 +456,7 @@ def cache_key(seed: int, layers: int | None) -> str:
     """Changes whenever the trained bytes could: seed, depth, this module's source, the policy file."""
     digest = hashlib.sha256()
     digest.update(json.dumps({"seed": seed, "layers": layers}, sort_keys=True).encode())
-    digest.update(Path(__file__).read_bytes())
+    digest.update(_SOURCE)
     digest.update(POLICY_FILE.read_bytes())
     return digest.hexdigest()[:16]
 
@@ -532,6 +535,8 @@ class GoldenItem:
 
 @dataclass(frozen=True)
 class Evaluation:
+    """How the checkpoint did on the golden set."""
+
     total: int
     ok: int  # verdicts that parse with status ok
     follows_rule: int  # verdicts (of any status) whose violation equals the golden label
@@ -551,6 +556,7 @@ class Evaluation:
 
 
 def golden_items() -> list[GoldenItem]:
+    """The smoke policy's golden set: held out, never trained on."""
     items = []
     for line in GOLDEN_FILE.read_text(encoding="utf-8").splitlines():
         if line.strip():
@@ -567,11 +573,11 @@ def _content(kind: str, raw: object) -> Content:
     return Chat(tuple(Turn(t["role"], t["content"]) for t in raw))
 
 
-def evaluate(model_dir: Path, max_new_tokens: int = 64, threads: int = 1, dtype: str = "bfloat16") -> Evaluation:
+def evaluate(model_dir: Path, max_new_tokens: int = 64) -> Evaluation:
     """Greedy-decode every golden item with transformers over the full vocabulary, as served, and read the verdicts.
 
-    The model is loaded the way the CPU executor loads it (MXFP4 experts dequantized, BF16 by default), so what is
-    measured is the checkpoint on disk, after quantization.
+    The model is loaded the way the CPU executor loads it (MXFP4 experts dequantized, BF16), so what is measured is
+    the checkpoint on disk, after quantization.
     """
     import torch
     from transformers import AutoModelForCausalLM, Mxfp4Config
@@ -586,11 +592,11 @@ def evaluate(model_dir: Path, max_new_tokens: int = 64, threads: int = 1, dtype:
     renderer = PromptRenderer(encoding, model_fingerprint="smoke-eval")
     prefix = renderer.prefix(policy.body, policy.reasoning_effort)
     model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=Mxfp4Config(dequantize=True),
-                                                 dtype=getattr(torch, dtype))
+                                                 dtype=torch.bfloat16)
     items = golden_items()
     ok = follows = 0
     failures: list[str] = []
-    with _torch_settings(threads), torch.no_grad():
+    with _torch_settings(1), torch.no_grad():
         for item in items:
             prompt = renderer.render(prefix, item.content).ids
             out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
