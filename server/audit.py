@@ -33,7 +33,6 @@ import math
 import queue
 import sqlite3
 import threading
-import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import ApplianceError
+from server.sqlite_wal import enable_wal
 
 AUDIT_DB_NAME = "audit.sqlite3"
 GENESIS_HASH = "0" * 64
@@ -471,17 +471,7 @@ class AuditLog:
             raise AuditError(f"audit log {self.path}: {exc}") from exc
 
     def _enable_wal(self, conn: sqlite3.Connection) -> None:
-        # Switching to WAL takes an exclusive lock without consulting the busy handler (see server/registry.py),
-        # so processes opening a new file at the same moment wait for each other here.
-        deadline = time.monotonic() + self.busy_timeout_s
-        while True:
-            try:
-                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-                break
-            except sqlite3.OperationalError as exc:
-                if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.01)
+        mode = enable_wal(conn, self.busy_timeout_s)
         if mode != "wal":
             raise AuditError(f"audit log {self.path}: cannot use write-ahead logging (journal mode stays {mode!r}); "
                              "put it on a local filesystem")

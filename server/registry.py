@@ -19,7 +19,6 @@ import difflib
 import getpass
 import re
 import sqlite3
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -28,6 +27,7 @@ from typing import Literal
 
 from engine.errors import ApplianceError
 from server.policy import Policy, PolicyError, normalise, parse_policy
+from server.sqlite_wal import enable_wal
 
 DB_NAME = "policies.sqlite3"
 MIN_SHA_PREFIX = 8
@@ -379,17 +379,7 @@ class Registry:
             self._migrate()
 
     def _enable_wal(self, conn: sqlite3.Connection) -> None:
-        # Switching to WAL takes an exclusive lock without consulting the busy handler, so processes that open a
-        # brand-new file at the same moment get SQLITE_BUSY at once; they wait for each other here instead.
-        deadline = time.monotonic() + self.busy_timeout_s
-        while True:
-            try:
-                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-                break
-            except sqlite3.OperationalError as exc:
-                if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.01)
+        mode = enable_wal(conn, self.busy_timeout_s)
         if mode != "wal":
             raise RegistryError(f"policy registry {self.path}: cannot use write-ahead logging (journal mode stays "
                                 f"{mode!r}); put the state directory on a local filesystem")
