@@ -95,10 +95,15 @@ def quantize_rate() -> float:
 
 
 def mid_checkpoint() -> Path:
-    """A synthetic `mid` checkpoint (430 MB), built on first use."""
+    """A synthetic `mid` checkpoint, built on first use (keyed by the preset, so a changed preset rebuilds it)."""
+    import hashlib
+    import json
+
+    from engine.config import preset_dict
     from engine.synth import synthesize
 
-    path = REPO / ".cache" / "bench" / "mid"
+    key = hashlib.sha256(json.dumps(preset_dict("mid"), sort_keys=True).encode()).hexdigest()[:12]
+    path = REPO / ".cache" / "bench" / f"mid-{key}"
     if not (path / "config.json").is_file():
         synthesize("mid", path, tokenizer=False)
     return path

@@ -28,11 +28,11 @@ _SMALL_PRESETS: dict[str, dict[str, Any]] = {
         num_hidden_layers=2, hidden_size=64, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2,
         experts_per_token=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
     ),
-    # Big enough that prefill costs real time on a CPU, so cache and batching effects are measurable. Twelve
-    # layers keep it proportioned like the real models, where a token's cost is in the layers: with four, the
-    # 201,088-row unembedding (a 206 MB read per generated token) is most of every forward pass.
+    # Big enough that prefill costs real time on a CPU, so cache and batching effects are measurable. It has
+    # gpt-oss-20b's depth, so a token's cost is in the layers as in the real models; shallower, the 201,088-row
+    # unembedding (a 206 MB read per generated token at this width) would be most of every forward pass.
     "mid": dict(
-        num_hidden_layers=12, hidden_size=512, intermediate_size=512, num_local_experts=8, num_experts_per_tok=2,
+        num_hidden_layers=24, hidden_size=512, intermediate_size=512, num_local_experts=8, num_experts_per_tok=2,
         experts_per_token=2, num_attention_heads=8, num_key_value_heads=2, head_dim=64,
     ),
 }
