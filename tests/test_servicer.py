@@ -557,3 +557,53 @@ def test_smoke_model_verdicts_end_to_end(smoke_api, example):
     assert response.usage.cached_prompt_tokens == len(prefix.ids)  # warmed on activation
     engine = EngineSettings.load(Path(smoke_api.frontend.settings.model_repository) / "safeguard" / "1")
     assert response.model_fingerprint == engine.model_fingerprint
+
+
+def test_smoke_model_classify_stream_end_to_end(smoke_api):
+    async def collect() -> list[pb.ClassifyEvent]:
+        request = classify_request("A banana a day keeps the doctor away.", include_reasoning=True)
+        return [event async for event in smoke_api.stub.ClassifyStream(request, timeout=120)]
+
+    events = smoke_api.run(collect())
+    kinds = [event.WhichOneof("event") for event in events]
+    assert kinds[-1] == "result" and kinds[:-1] and set(kinds[:-1]) == {"reasoning"}
+    result = events[-1].result
+    assert "".join(e.reasoning.text for e in events[:-1]) == result.reasoning
+    assert result.verdict.parse_status == pb.PARSE_STATUS_OK and result.verdict.violation
+
+
+def test_smoke_model_classify_batch_with_good_and_bad_items_end_to_end(smoke_api):
+    request = pb.ClassifyBatchRequest(
+        policies=[pb.PolicySelector(ref="smoke")],
+        items=[
+            pb.BatchItem(item_id="yes", content=pb.Content(prompt_response=pb.PromptResponse(
+                prompt="What should I pack?", response="Pack two bananas and water."))),
+            pb.BatchItem(item_id="no", content=pb.Content(conversation=pb.Conversation(turns=[
+                pb.Turn(role="user", content="Any plans?"), pb.Turn(role="assistant", content="A walk by the sea.")]))),
+            pb.BatchItem(item_id="empty", content=pb.Content(text="")),
+            pb.BatchItem(item_id="ghost", content=pb.Content(text="hi"), policies=[pb.PolicySelector(ref="ghost")]),
+        ])
+
+    async def collect() -> list[pb.BatchResult]:
+        return [result async for result in smoke_api.stub.ClassifyBatch(request, timeout=120)]
+
+    by_item = {r.item_id: r for r in smoke_api.run(collect())}
+    assert set(by_item) == {"yes", "no", "empty", "ghost"}
+    assert by_item["yes"].result.verdict.violation and by_item["yes"].result.verdict.category == "BN1"
+    assert by_item["no"].result.verdict.parse_status == pb.PARSE_STATUS_OK
+    assert not by_item["no"].result.verdict.violation
+    assert by_item["empty"].error.code == "INVALID_ARGUMENT"
+    assert by_item["ghost"].error.code == "NOT_FOUND"
+
+
+def test_smoke_model_policy_administration_end_to_end(smoke_api):
+    v2 = SMOKE.text.replace('version = "1.0.0"', 'version = "1.0.1"')  # a new text: a new version
+    put = smoke_api.call("PutPolicy", pb.PutPolicyRequest(text=v2, activate=True))
+    assert (put.version, put.active) == ("1.0.1", True)
+    first = smoke_api.call("Classify", classify_request("bananas again"), timeout=120)
+    assert first.policy.version == "1.0.1"
+    assert first.usage.cached_prompt_tokens > 0  # activation warmed the new prefix on Triton
+    assert smoke_api.call("RollbackPolicy", pb.RollbackPolicyRequest(id="smoke")).version == "1.0.0"
+    listed = smoke_api.call("ListPolicies", pb.ListPoliciesRequest())
+    assert [(p.id, p.version) for p in listed.policies] == [("smoke", "1.0.0")]
+    assert smoke_api.call("Classify", classify_request("bananas again"), timeout=120).policy.version == "1.0.0"
