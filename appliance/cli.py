@@ -14,9 +14,9 @@ import click
 from appliance.quickstart import quickstart_command
 from build_scripts.cli import build_command
 from build_scripts.selftest_cli import selftest_command
-from engine.cli import inspect_command, synth_command
-from engine.errors import ApplianceError
-from engine.profiles_cli import profiles_command
+from classification.errors import ApplianceError
+from engine.checkpoint.cli import inspect_command, synth_command
+from engine.gpu.profiles_cli import profiles_command
 from server.audit_cli import audit_group
 from server.client_cli import classify_command
 from server.policy_cli import policy_group

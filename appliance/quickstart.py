@@ -20,7 +20,9 @@ from pathlib import Path
 
 import click
 
-from engine.vocab import default_cache_dir
+from classification.content import Content, PromptResponse, Text
+from classification.golden import load_golden
+from classification.vocab import default_cache_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_IDS = ("smoke-001", "smoke-002", "smoke-003")  # then one of each other content kind from the golden set
@@ -38,21 +40,19 @@ class Example:
 
 
 def examples() -> list[Example]:
-    import json
-
-    items = [json.loads(line) for line in (policy_dir() / "smoke.golden.jsonl").read_text().splitlines() if line]
-    chosen = [i for i in items if i["id"] in EXAMPLE_IDS]
+    items = load_golden(policy_dir() / "smoke.golden.jsonl")
+    chosen = [i for i in items if i.id in EXAMPLE_IDS]
     for kind in ("prompt_response", "conversation"):
-        chosen += [i for i in items if i["kind"] == kind][:2]
-    return [Example(i["id"], _client_content(i["kind"], i["content"]), bool(i["violation"])) for i in chosen]
+        chosen += [i for i in items if i.kind == kind][:2]
+    return [Example(i.id, _client_content(i.content), i.violation) for i in chosen]
 
 
-def _client_content(kind: str, raw):
-    if kind == "text":
-        return raw
-    if kind == "prompt_response":
-        return (raw["prompt"], raw["response"])
-    return [(t["role"], t["content"]) for t in raw]
+def _client_content(content: Content):
+    if isinstance(content, Text):
+        return content.text
+    if isinstance(content, PromptResponse):
+        return (content.prompt, content.response)
+    return [(t.role, t.content) for t in content.turns]
 
 
 def _step(message: str) -> float:
@@ -63,7 +63,7 @@ def _step(message: str) -> float:
 def prepare(work: Path) -> Path:
     """Synthesize (or reuse) the trained smoke model and build its CPU repository; returns the repository."""
     from build_scripts.build import BuildOptions, build
-    from engine.synth import synthesize
+    from engine.checkpoint.synth import synthesize
 
     t0 = _step("smoke model (a fixture and demo, not a classifier): synthesize, trained once and cached")
     model = work / "model"
@@ -92,7 +92,7 @@ async def _run(repository: Path, state: Path) -> int:
     from server.client import SafeguardClient
     from server.servicer import build_server
     from server.settings import ServerSettings
-    from server.supervisor import SupervisorConfig, TritonSupervisor
+    from server.triton.supervisor import SupervisorConfig, TritonSupervisor
 
     t0 = _step("tritonserver (supervised) and the gRPC front end on 127.0.0.1")
     supervisor = TritonSupervisor(SupervisorConfig(repository))

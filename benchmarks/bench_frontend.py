@@ -9,7 +9,7 @@ paths is the front end's. The front end runs in its own process, as in productio
 the same rendered prompts at the same closed-loop concurrency, interleaved in rounds so drift on a shared machine
 hits both alike:
 
-- direct: the prompt's token ids streamed from Triton with `server.triton_client` (the cheapest client we have),
+- direct: the prompt's token ids streamed from Triton with `server.triton.client` (the cheapest client we have),
   until the final response;
 - front end: `Classify` over gRPC: policy lookup, rendering, routing, the same Triton call, verdict parsing,
   audit, metrics.
@@ -93,12 +93,13 @@ async def _measure(triton_url: str, frontend_url: str, frontend_pid: int, finger
     import numpy as np
     import tritonclient.grpc.aio as tritonclient
 
-    from engine.prompt import PromptRenderer, Text
-    from engine.vocab import load_harmony_encoding
+    from classification.content import Text
+    from classification.policy import load_policy
+    from classification.render import PromptRenderer
+    from classification.vocab import load_harmony_encoding
     from server.generated.safeguard.v1 import safeguard_pb2 as pb
     from server.generated.safeguard.v1 import safeguard_pb2_grpc as pb_grpc
-    from server.policy import load_policy
-    from server.triton_client import GenerateRequest, TritonEndpoint
+    from server.triton.client import GenerateRequest, TritonEndpoint
 
     policy = load_policy(POLICY_FILE)
     renderer = PromptRenderer(load_harmony_encoding(), fingerprint)
@@ -233,10 +234,10 @@ def main() -> None:
 
 
 async def _run(args: argparse.Namespace) -> None:
-    from engine.vocab import load_harmony_encoding
-    from server.policy import load_policy
+    from classification.policy import load_policy
+    from classification.vocab import load_harmony_encoding
     from server.registry import Registry
-    from server.triton_launcher import TritonConfig, TritonServer
+    from server.triton.launcher import TritonConfig, TritonServer
 
     encoding = load_harmony_encoding()
 

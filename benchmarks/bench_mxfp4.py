@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine import mxfp4
+from engine.checkpoint import mxfp4
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS, COLS = 5760, 2880  # one gpt-oss-20b gate_up expert: [2I, H]
@@ -31,7 +31,7 @@ REPEATS = 5
 
 _EXPAND = textwrap.dedent("""
     import json, sys, time
-    from engine.expand import expand_checkpoint
+    from engine.checkpoint.expand import expand_checkpoint
 
     def high_water_bytes():
         for line in open("/proc/self/status"):
@@ -99,8 +99,8 @@ def mid_checkpoint() -> Path:
     import hashlib
     import json
 
-    from engine.config import preset_dict
-    from engine.synth import synthesize
+    from engine.checkpoint.config import preset_dict
+    from engine.checkpoint.synth import synthesize
 
     key = hashlib.sha256(json.dumps(preset_dict("mid"), sort_keys=True).encode()).hexdigest()[:12]
     path = REPO / ".cache" / "bench" / f"mid-{key}"

@@ -10,10 +10,11 @@ import argparse
 import time
 from collections.abc import Callable
 
-from engine.harmony_parse import CHANNEL, END, MESSAGE, RETURN, START, StreamParser, parse_completion
-from engine.vocab import load_harmony_encoding
-from server.policy import OutputSpec
-from server.verdict import parse_verdict
+from classification.completion import StreamParser, parse_completion
+from classification.policy import OutputSpec
+from classification.tokens import CHANNEL, END, MESSAGE, RETURN, START
+from classification.verdict import parse_verdict
+from classification.vocab import load_harmony_encoding
 
 FINAL = '{"violation": 1, "policy_category": "VE1", "rule_ids": ["VE1.a"], "confidence": "high", ' \
         '"rationale": "Praises a recent attack and calls for more."}'

@@ -25,15 +25,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine import synth
-from engine.config import preset_dict
-from engine.executor import GenerationRequest, SamplingParams
-from engine.prefix_cache import PrefixStore
-from engine.prompt import PromptPrefix, PromptRenderer, Text
-from engine.reference_executor import ReferenceExecutor
+from classification.content import Text
+from classification.policy import load_policy
+from classification.render import PromptPrefix, PromptRenderer
+from classification.vocab import default_cache_dir, load_harmony_encoding
+from engine.checkpoint import synth
+from engine.checkpoint.config import preset_dict
+from engine.executors.base import GenerationRequest, SamplingParams
+from engine.executors.prefix_store import PrefixStore
+from engine.executors.reference import ReferenceExecutor
 from engine.settings import EngineSettings
-from engine.vocab import default_cache_dir, load_harmony_encoding
-from server.policy import load_policy
 
 REPO = Path(__file__).resolve().parents[1]
 PRESET = "mid"

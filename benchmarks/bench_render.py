@@ -10,9 +10,10 @@ import statistics
 import time
 from pathlib import Path
 
-from engine.prompt import PromptRenderer, Text, prefix_ids
-from engine.vocab import load_harmony_encoding
-from server.policy import load_policy
+from classification.content import Text
+from classification.policy import load_policy
+from classification.render import PromptRenderer, prefix_ids
+from classification.vocab import load_harmony_encoding
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from engine.triton_model import INPUTS, OUTPUTS, TensorSpec
+from engine.triton import contract
 
 POLICY_FILE = Path(__file__).resolve().parents[1] / "policies" / "smoke.md"
 SAFE_ANALYSIS = "The content does not mention bananas."
@@ -129,25 +129,16 @@ def harmony_completion(encode_special: Callable[[str], list[int]], analysis: str
                           f"<|message|>{final}<|return|>")
 
 
-def _tensors(specs: Sequence[TensorSpec]) -> str:
-    rows = [f'  {{ name: "{s.name}" data_type: {s.data_type} dims: [ {", ".join(map(str, s.dims))} ]'
-            f'{" optional: true" if s.optional else ""} }}' for s in specs]
-    return ",\n".join(rows)
-
-
 def write_canned_model(repo: Path, scripts: Sequence[Script], *, name: str = "canned",
                        fingerprint: str = "canned-model", log_requests: bool = True) -> CannedModel:
     """Add the canned model to a Triton repository; its config names `fingerprint` as the front end expects.
     With `log_requests` each request's tensors are appended to requests.log (tests read it; a benchmark should not
     pay for file appends that stall behind the audit log's fsyncs on the same disk)."""
-    version = Path(repo) / name / "1"
+    version = contract.version_dir(repo, name)
     version.mkdir(parents=True, exist_ok=True)
     (version / "model.py").write_text(CANNED_MODEL)
     scripted = [asdict(s) | {"marker": list(s.marker), "completion": list(s.completion)} for s in scripts]
     (version / "canned.json").write_text(json.dumps({"scripts": scripted, "log_requests": log_requests}))
-    (version.parent / "config.pbtxt").write_text(
-        f'name: "{name}"\nbackend: "python"\nmax_batch_size: 0\nmodel_transaction_policy {{ decoupled: true }}\n'
-        f"input [\n{_tensors(INPUTS)}\n]\noutput [\n{_tensors(OUTPUTS)}\n]\n"
-        "instance_group [ { count: 1 kind: KIND_CPU } ]\n"
-        f'parameters {{ key: "model_fingerprint" value {{ string_value: "{fingerprint}" }} }}\n')
+    config = contract.model_config_text({contract.FINGERPRINT_PARAMETER: fingerprint}, "KIND_CPU", model=name)
+    (version.parent / "config.pbtxt").write_text(config)
     return CannedModel(name, version)

@@ -1,6 +1,6 @@
 """The `appliance build` pipeline: verified checkpoint in, Triton model repository and build manifest out.
 
-    1. resolve the target; for a GPU, size its profile from config.json (`engine.profiles.fit`), so an impossible
+    1. resolve the target; for a GPU, size its profile from config.json (`engine.gpu.profiles.fit`), so an impossible
        combination fails at once, naming what would fit, before a byte of the weights is read;
     2. check the checkpoint as serving needs it (weights, MXFP4 scales, tokenizer and generation files); a dry run
        checks what is there, and config.json alone will do;
@@ -11,11 +11,11 @@
        so a failed build never leaves a half-written repository behind;
     6. a GPU build that is not a dry run, on a host with TensorRT-LLM and the GPUs: load the model once (TensorRT-LLM
        autotunes kernels and captures CUDA graphs as it loads), run a smoke generation and the conformance checks
-       (`engine.selftest`) and record them; anywhere else the manifest records the plan, the exact commands that
+       (`engine.gpu.selftest`) and record them; anywhere else the manifest records the plan, the exact commands that
        finish the build on the target (build_scripts/plan.py).
 
 A `BuildTarget` is everything that differs between the `--gpu` choices: `cpu` (the transformers reference
-executor) and one per GPU kind in `engine.profiles` (TensorRT-LLM, sized by the profile).
+executor) and one per GPU kind in `engine.gpu.profiles` (TensorRT-LLM, sized by the profile).
 """
 
 from __future__ import annotations
@@ -44,15 +44,17 @@ from build_scripts.manifest import (
     save_manifest,
 )
 from build_scripts.plan import Host, build_command_line, detect_host, selftest_command_line, where
-from build_scripts.repository import MODEL_NAME, MODEL_VERSION, write_repository
-from engine.checkpoint import check_checkpoint, iter_manifest, load_checkpoint
-from engine.config import ModelConfig, load_config
-from engine.errors import ApplianceError, CheckpointError
-from engine.profiles import DEFAULT_CONTEXT, GPU_ALIASES, GPU_KINDS, GpuKind, Profile, fit
+from build_scripts.repository import write_repository
+from classification.errors import ApplianceError
+from engine.checkpoint.config import ModelConfig, load_config
+from engine.checkpoint.errors import CheckpointError
+from engine.checkpoint.validate import check_checkpoint, iter_manifest, load_checkpoint
+from engine.gpu.profiles import DEFAULT_CONTEXT, GPU_ALIASES, GPU_KINDS, GpuKind, Profile, fit
 from engine.settings import SETTINGS_FILE, EngineSettings
+from engine.triton.contract import MODEL_NAME, MODEL_VERSION
 
 if TYPE_CHECKING:
-    from engine.selftest import SelftestReport
+    from engine.gpu.selftest import SelftestReport
 
 DEFAULT_DTYPE = "bfloat16"
 DEFAULT_MAX_CONCURRENCY = 2
@@ -92,7 +94,7 @@ class BuildTarget:
     device: str
     instance_kind: str
     description: str
-    gpu: GpuKind | None = None  # GPU targets: the kind `engine.profiles` sizes the model for
+    gpu: GpuKind | None = None  # GPU targets: the kind `engine.gpu.profiles` sizes the model for
 
 
 def _gpu_target(kind: GpuKind) -> BuildTarget:
@@ -194,7 +196,7 @@ def build(options: BuildOptions) -> BuildResult:
     manifest = _install(out, options.force, fill)
     report = None
     if host is not None and profile is not None and host.cannot_verify(profile.gpus) is None:
-        from engine.selftest import run_selftest
+        from engine.gpu.selftest import run_selftest
 
         report = run_selftest(settings)
         manifest = record_selftest(out, report.to_dict(), selftest_command_line(out))
@@ -270,7 +272,7 @@ def _weights(model_dir: Path, out: Path, config: ModelConfig | None, profile: Pr
 
 def _expand(weights: Weights, scratch: Path) -> dict[str, Any]:
     """Expand the experts into the scratch copy of REPO; returns what the manifest records about it."""
-    from engine.expand import expand_checkpoint
+    from engine.checkpoint.expand import expand_checkpoint
 
     free = shutil.disk_usage(scratch).free
     if free < weights.expanded_bytes + DISK_MARGIN_BYTES:
@@ -294,7 +296,7 @@ def _weights_record(weights: Weights, dry_run: bool, expansion: dict[str, Any] |
     if not weights.expand:
         return {"path": str(weights.served), "preparation": "none: served as shipped", "prepared": True}
     return {"path": str(weights.served), "source": str(weights.source),
-            "preparation": "MXFP4 experts expanded to BF16 (engine.expand)", "prepared": not dry_run,
+            "preparation": "MXFP4 experts expanded to BF16 (engine.checkpoint.expand)", "prepared": not dry_run,
             "expansion": expansion}
 
 
@@ -332,7 +334,7 @@ def _manifest(*, target: BuildTarget, profile: Profile | None, plan: Plan, setti
               model_dir: Path, files: dict[str, dict[str, Any]], fingerprint: str, settings_bytes: bytes,
               checked: str, warnings: list[str], weights: dict[str, Any], host: Host | None,
               context: int) -> dict[str, Any]:
-    from server.triton_launcher import tritonserver_version
+    from server.triton.launcher import tritonserver_version
 
     versions = {name: _package_version(name) for name in VERSIONED_PACKAGES}
     versions["python"] = platform.python_version()

@@ -17,7 +17,7 @@ from build_scripts.build import (
     BuildResult,
 )
 from build_scripts.manifest import FAILED
-from engine.profiles import DEFAULT_CONTEXT, GPU_ALIASES, Profile
+from engine.gpu.profiles import DEFAULT_CONTEXT, GPU_ALIASES, Profile
 
 
 def _gb(n: int) -> str:
@@ -60,7 +60,7 @@ def summary(result: BuildResult) -> list[str]:
     if weights:
         lines.append(weights)
     if result.selftest is not None:
-        from engine.selftest import format_report
+        from engine.gpu.selftest import format_report
 
         lines.append(format_report(result.selftest))
     lines.append(f"status: {manifest['status']} ({manifest['status_detail']})")

@@ -18,9 +18,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from build_scripts.repository import MODEL_NAME, MODEL_VERSION
-from engine.errors import ApplianceError
+from classification.errors import ApplianceError
 from engine.settings import SETTINGS_FILE
+from engine.triton.contract import MODEL_NAME, MODEL_VERSION
 
 MANIFEST_FILE = "build-manifest.json"
 MANIFEST_FORMAT = 2

@@ -1,6 +1,6 @@
 """`appliance selftest --repo REPO`: load a built repository's executor on this machine and prove it serves.
 
-It runs `engine.selftest` (load, smoke generation, the executor conformance suite, memory) against the engine
+It runs `engine.gpu.selftest` (load, smoke generation, the executor conformance suite, memory) against the engine
 settings the repository's Triton model would load, prints a pass/fail table (or JSON), records the results in
 REPO/build-manifest.json under `selftest` and exits 1 when anything failed. On a GPU host it runs inside the GPU
 image, against a repository written by `appliance build`; on a CPU repository it needs nothing but the appliance.
@@ -15,9 +15,9 @@ import click
 
 from build_scripts.manifest import DRY_RUN, MANIFEST_FILE, engine_settings_sha256, load_manifest, record_selftest
 from build_scripts.plan import selftest_command_line
-from build_scripts.repository import MODEL_NAME, MODEL_VERSION
-from engine.errors import ApplianceError
+from classification.errors import ApplianceError
 from engine.settings import SETTINGS_FILE, EngineSettings
+from engine.triton.contract import MODEL_NAME, MODEL_VERSION
 
 
 class SelftestError(ApplianceError):
@@ -27,7 +27,7 @@ class SelftestError(ApplianceError):
 def policy_text(path: Path | None) -> str:
     """The policy the test prompts carry: a policy-library file (front matter, then the body), plain text, or the
     built-in default."""
-    from engine.selftest import DEFAULT_POLICY
+    from engine.gpu.selftest import DEFAULT_POLICY
 
     if path is None:
         return DEFAULT_POLICY
@@ -36,7 +36,7 @@ def policy_text(path: Path | None) -> str:
     except (OSError, UnicodeDecodeError) as exc:
         raise SelftestError(f"{path}: cannot read the policy ({exc})") from None
     if text.lstrip().startswith("+++"):
-        from server.policy import load_policy
+        from classification.policy import load_policy
 
         return load_policy(path).body
     if not text.strip():
@@ -78,7 +78,7 @@ def _sizing_line(sizing: dict) -> str:
 def selftest_command(repo: Path, policy: Path | None, as_json: bool) -> None:
     """Load the repository's executor once, run a smoke generation and the executor conformance checks, and record
     the results in its build manifest; exits 1 if anything failed."""
-    from engine.selftest import format_report, run_selftest
+    from engine.gpu.selftest import format_report, run_selftest
 
     repo = repo.absolute()
     report = run_selftest(_settings(repo), policy_text(policy))

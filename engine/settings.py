@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from engine.errors import ApplianceError
+from classification.errors import ApplianceError
 
 SETTINGS_FILE = "engine.json"
 EXECUTORS = ("reference", "trtllm")

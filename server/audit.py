@@ -40,7 +40,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from engine.errors import ApplianceError
+from classification.errors import ApplianceError
 from server.sqlite_wal import enable_wal
 
 AUDIT_DB_NAME = "audit.sqlite3"

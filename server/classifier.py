@@ -42,21 +42,15 @@ from pathlib import Path
 
 from openai_harmony import HarmonyEncoding
 
-from engine.harmony_parse import ParsedCompletion, StreamParser, parse_completion
-from engine.prompt import (
-    CONVERSATION_ROLES,
-    STOP_TOKEN_IDS,
-    Chat,
-    Content,
-    PromptPrefix,
-    PromptRenderer,
-    PromptResponse,
-    RenderedPrompt,
-    Text,
-    content_encoder,
-    serialise,
-)
+from classification.completion import ParsedCompletion, StreamParser, parse_completion
+from classification.content import CONVERSATION_ROLES, Chat, Content, PromptResponse, Text, serialise
+from classification.policy import Policy, PolicyError, PolicyRef, PolicyRefError, parse_policy
+from classification.render import PromptPrefix, PromptRenderer, RenderedPrompt, content_encoder
+from classification.tokens import STOP_TOKEN_IDS
+from classification.verdict import Verdict, parse_verdict
 from engine.settings import EngineSettings, SettingsError
+from engine.triton import contract
+from engine.triton.contract import FINGERPRINT_PARAMETER, MAX_CONTEXT_PARAMETER
 from server.audit import AuditError, AuditLog, AuditRecord
 from server.limits import (
     Admission,
@@ -73,11 +67,10 @@ from server.limits import (
 )
 from server.log import event
 from server.metrics import INLINE, UNKNOWN, Metrics, Observation
-from server.policy import Policy, PolicyError, parse_policy
 from server.registry import Registry, RegistryError, StoredPolicy, VersionInfo
 from server.routing import Endpoint, NoHealthyEndpoint, Router
 from server.settings import ServerSettings
-from server.triton_client import (
+from server.triton.client import (
     Chunk,
     EndpointUnavailable,
     GenerateRequest,
@@ -86,12 +79,9 @@ from server.triton_client import (
     TritonError,
     TritonTimeout,
 )
-from server.verdict import Verdict, parse_verdict
 
 log = logging.getLogger("safeguard.classifier")
 
-FINGERPRINT_PARAMETER = "model_fingerprint"
-MAX_CONTEXT_PARAMETER = "max_context"
 PINNED_CACHE = 256
 INLINE_CACHE = 128
 WARM_TIMEOUT_S = 60.0
@@ -238,21 +228,19 @@ class PolicyBook:
     async def resolve(self, selector: Selector) -> ResolvedPolicy:
         if selector.inline_text:
             return self._resolve_inline(selector.inline_text)
-        policy_id, sep, ref = selector.ref.strip().partition("@")
-        if not policy_id:
+        if not selector.ref.strip():
             raise InvalidArgument("no policy given: set policy.ref (\"<id>\" or \"<id>@<version>\") or "
                                   "policy.inline_text")
-        if sep and not ref:
-            raise InvalidArgument(f"policy ref {selector.ref!r} names no version after '@'")
-        if not sep:
-            found = self._active.get(policy_id)
+        ref = parse_ref(selector.ref)
+        if ref.version is None:
+            found = self._active.get(ref.policy_id)
             if found is None:
-                found = self._active[policy_id] = await self._load(policy_id, None)
+                found = self._active[ref.policy_id] = await self._load(ref.policy_id, None)
             return found
-        pinned = self._pinned.get_fresh((policy_id, ref))
+        pinned = self._pinned.get_fresh(ref)
         if pinned is None:
-            pinned = await self._load(policy_id, ref)
-            self._pinned.put((policy_id, ref), pinned)
+            pinned = await self._load(ref.policy_id, ref.version)
+            self._pinned.put(ref, pinned)
         return pinned
 
     async def prefix(self, resolved: ResolvedPolicy, effort: str) -> PromptPrefix:
@@ -320,6 +308,13 @@ class PolicyBook:
         return found
 
 
+def parse_ref(text: str) -> PolicyRef:
+    try:
+        return PolicyRef.parse(text)
+    except PolicyRefError as exc:
+        raise InvalidArgument(str(exc)) from None
+
+
 def _registry_error(exc: RegistryError, kind: type[ServiceError]) -> ServiceError:
     """`kind` for a lookup or change the registry refused; UNAVAILABLE when the registry file itself failed."""
     if isinstance(exc.__cause__, sqlite3.Error):
@@ -382,7 +377,7 @@ async def discover_model(endpoint: TritonEndpoint, settings: ServerSettings) -> 
 def _local_engine_settings(settings: ServerSettings) -> EngineSettings | None:
     if not settings.model_repository:
         return None
-    path = Path(settings.model_repository).expanduser() / settings.triton_model / "1"
+    path = contract.version_dir(Path(settings.model_repository).expanduser(), settings.triton_model)
     try:
         return EngineSettings.load(path)
     except SettingsError as exc:
@@ -696,10 +691,8 @@ class Classifier:
         return await self.get_policy_info(policy.id, result.info.sha256)
 
     async def get_policy(self, ref: str) -> tuple[PolicyInfo, str]:
-        policy_id, _, version = ref.strip().partition("@")
-        if not policy_id:
-            raise InvalidArgument("no policy given: ref is \"<id>\" or \"<id>@<version>\"")
-        stored = await self.policies.stored(policy_id, version or None)
+        parsed = parse_ref(ref)
+        stored = await self.policies.stored(parsed.policy_id, parsed.version)
         return self.policies.info(stored), stored.policy.text
 
     async def get_policy_info(self, policy_id: str, ref: str | None) -> PolicyInfo:

@@ -10,7 +10,7 @@ import click
 import grpc
 from google.protobuf.json_format import MessageToDict
 
-from engine.errors import ApplianceError
+from classification.errors import ApplianceError
 from server.client import ContentLike, SafeguardClient
 
 

@@ -16,7 +16,7 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from engine.errors import ApplianceError
+from classification.errors import ApplianceError
 
 INLINE = "inline"
 UNKNOWN = "unknown"

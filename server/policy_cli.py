@@ -11,8 +11,8 @@ from pathlib import Path
 
 import click
 
-from engine.errors import VocabularyError
-from server.policy import Policy, length_warning, load_policy
+from classification.errors import VocabularyError
+from classification.policy import Policy, PolicyRef, length_warning, load_policy
 from server.registry import ActivationResult, ImportOutcome, Registry, RegistryError, StoredPolicy, VersionInfo
 
 DEFAULT_STATE_DIR = "~/.local/state/safeguard-appliance"
@@ -29,7 +29,9 @@ class _Settings:
 
 def policy_tokens(policy: Policy) -> int:
     """How many o200k tokens the model reads for this policy (its Markdown body, not the front matter)."""
-    from engine.vocab import load_harmony_encoding  # loading the vocabulary costs ~0.5 s; only add and show need it
+    from classification.vocab import (
+        load_harmony_encoding,  # loading the vocabulary costs ~0.5 s; only add and show need it
+    )
 
     return len(load_harmony_encoding().encode(policy.body, disallowed_special=()))
 
@@ -70,8 +72,8 @@ def _output_summary(policy: Policy) -> str:
 
 
 def _split_ref(spec: str) -> tuple[str, str | None]:
-    policy_id, _, ref = spec.partition("@")
-    return policy_id, ref or None
+    ref = PolicyRef.parse(spec)
+    return ref.policy_id, ref.version
 
 
 def _echo_activation(result: ActivationResult, verb: str) -> None:

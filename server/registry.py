@@ -25,8 +25,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
-from engine.errors import ApplianceError
-from server.policy import Policy, PolicyError, normalise, parse_policy
+from classification.errors import ApplianceError
+from classification.policy import Policy, PolicyError, normalise, parse_policy
 from server.sqlite_wal import enable_wal
 
 DB_NAME = "policies.sqlite3"
@@ -305,7 +305,7 @@ def _check_consistent(policy: Policy) -> None:
         consistent = False
     if not consistent:
         raise RegistryError(f"policy {policy.id}: its fields do not match its text; build it with "
-                            "server.policy.parse_policy or load_policy")
+                            "classification.policy.parse_policy or load_policy")
 
 
 class Registry:

@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-from engine.errors import ApplianceError
+from classification.errors import ApplianceError
 
 
 class RoutingError(ApplianceError):

@@ -47,7 +47,7 @@ async def run(settings: ServerSettings, repository: Path | None, start_timeout_s
 
     supervisor = None
     if repository is not None:
-        from server.supervisor import SupervisorConfig, TritonSupervisor
+        from server.triton.supervisor import SupervisorConfig, TritonSupervisor
 
         supervisor = TritonSupervisor(SupervisorConfig(repository, start_timeout_s=start_timeout_s))
         # The supervisor thread, not this coroutine, owns tritonserver; starting it blocks until Triton is ready.

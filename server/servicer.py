@@ -30,8 +30,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from engine.prompt import Chat, Content, PromptResponse, Text, Turn
-from engine.vocab import load_harmony_encoding
+from classification.content import Chat, Content, PromptResponse, Text, Turn
+from classification.verdict import EXTRA_MESSAGES, MALFORMED, MISSING_FINAL, OK, TRUNCATED, Verdict
+from classification.vocab import load_harmony_encoding
 from server import log as slog
 from server.audit import AuditLog
 from server.classifier import (
@@ -50,7 +51,6 @@ from server.limits import InvalidArgument, ServiceError
 from server.metrics import Metrics, MetricsServer, serve_metrics
 from server.registry import Registry
 from server.settings import ServerSettings, ServerSettingsError
-from server.verdict import EXTRA_MESSAGES, MALFORMED, MISSING_FINAL, OK, TRUNCATED, Verdict
 
 log = logging.getLogger("safeguard.servicer")
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from engine.errors import ApplianceError
+from classification.errors import ApplianceError
 
 DEFAULT_STATE_DIR = "~/.local/state/safeguard-appliance"  # the same default as `appliance policy`
 AUDIT_FILE = "audit.sqlite3"

@@ -15,8 +15,9 @@ CACHE = REPO / ".cache" / "tests"
 POLICIES = REPO / "policies"
 os.environ.setdefault("APPLIANCE_CACHE_DIR", str(REPO / ".cache" / "appliance"))
 
-_SOURCES = ("engine/synth.py", "engine/config.py", "engine/inventory.py", "engine/safetensors_io.py",
-            "engine/hf_tokenizer.py", "engine/presets/gpt-oss-20b.json")
+_SOURCES = ("engine/checkpoint/synth.py", "engine/checkpoint/config.py", "engine/checkpoint/inventory.py",
+            "engine/checkpoint/safetensors_io.py", "engine/checkpoint/hf_tokenizer.py",
+            "engine/checkpoint/presets/gpt-oss-20b.json")
 
 
 def _source_key() -> str:
@@ -29,7 +30,7 @@ def _source_key() -> str:
 
 def cached_checkpoint(preset: str, *, layers: int | None = None, tokenizer: bool = True) -> Path:
     """A synthetic checkpoint built once per source version; treat it as read-only (copy it to corrupt it)."""
-    from engine.synth import synthesize
+    from engine.checkpoint.synth import synthesize
 
     stem = f"{preset}-L{layers or 'all'}-{'tok' if tokenizer else 'notok'}"
     name = f"{stem}-{_source_key()}"

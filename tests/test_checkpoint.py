@@ -1,5 +1,5 @@
-"""engine.checkpoint: every kind of broken checkpoint is reported with its own message, all at once, and a sound
-one passes. Each test corrupts a private copy of the synthetic smoke checkpoint, whose three shards are
+"""engine.checkpoint.validate: every kind of broken checkpoint is reported with its own message, all at once, and a
+sound one passes. Each test corrupts a private copy of the synthetic smoke checkpoint, whose three shards are
 the embedding, both layers plus the final norm, and lm_head."""
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from conftest import cached_checkpoint
 
-from engine.checkpoint import INDEX_FILE, check_checkpoint, iter_manifest, load_checkpoint, write_manifest
-from engine.errors import CheckpointError
-from engine.synth import synthesize
+from engine.checkpoint.errors import CheckpointError
+from engine.checkpoint.synth import synthesize
+from engine.checkpoint.validate import INDEX_FILE, check_checkpoint, iter_manifest, load_checkpoint, write_manifest
 
 EMBED = "model-00000-of-00002.safetensors"
 LAYERS = "model-00001-of-00002.safetensors"

@@ -28,8 +28,9 @@ from test_triton_client import (
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from benchmarks.canned_model import CannedModel
-from engine.prompt import Chat, PromptResponse, Text, Turn
-from engine.vocab import load_harmony_encoding
+from classification.content import Chat, PromptResponse, Text, Turn
+from classification.policy import load_policy, parse_policy
+from classification.vocab import load_harmony_encoding
 from server.audit import AuditLog
 from server.classifier import (
     BatchJob,
@@ -41,10 +42,9 @@ from server.classifier import (
 )
 from server.limits import DeadlineExceeded, Internal, InvalidArgument, NotFound, ResourceExhausted, ServiceError
 from server.metrics import Metrics
-from server.policy import load_policy, parse_policy
 from server.registry import Registry
 from server.settings import ServerSettings
-from server.triton_launcher import TritonServer
+from server.triton.launcher import TritonServer
 
 POLICIES = Path(__file__).resolve().parents[1] / "policies"
 SMOKE = load_policy(POLICIES / "smoke.md")

@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from engine.config import PRESETS, load_config, parse_config, preset_dict
-from engine.errors import CheckpointError
-from engine.inventory import expected_tensors, model_figures
+from engine.checkpoint.config import PRESETS, load_config, parse_config, preset_dict
+from engine.checkpoint.errors import CheckpointError
+from engine.checkpoint.inventory import expected_tensors, model_figures
 
 
 def test_published_20b_figures_match_the_model_card():

@@ -5,11 +5,11 @@ import asyncio
 import pytest
 from conftest import POLICIES, cached_checkpoint
 
-from engine.conformance import CHECKS, SuiteConfig, harmony_config, run_suite
-from engine.reference_executor import ReferenceExecutor
+from classification.policy import load_policy
+from classification.vocab import load_harmony_encoding
+from engine.executors.conformance import CHECKS, SuiteConfig, harmony_config, run_suite
+from engine.executors.reference import ReferenceExecutor
 from engine.settings import EngineSettings
-from engine.vocab import load_harmony_encoding
-from server.policy import load_policy
 
 
 @pytest.fixture(scope="module")

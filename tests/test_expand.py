@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from conftest import REPO, cached_checkpoint
 
-from engine import bf16, mxfp4
-from engine.config import load_config
-from engine.errors import CheckpointError
-from engine.expand import expand_checkpoint
-from engine.inventory import expected_tensors
-from engine.safetensors_io import ShardWriter, read_header, read_tensor
+from engine.checkpoint import bf16, mxfp4
+from engine.checkpoint.config import load_config
+from engine.checkpoint.errors import CheckpointError
+from engine.checkpoint.expand import expand_checkpoint
+from engine.checkpoint.inventory import expected_tensors
+from engine.checkpoint.safetensors_io import ShardWriter, read_header, read_tensor
 
 PROMPT = [[200006, 17360, 200008, 3575, 553, 200007, 200006, 173781]]
 
@@ -202,7 +202,7 @@ PEAK_GROWTH_LIMIT = 64 << 20
 
 _MEASURE = textwrap.dedent("""
     import json, sys
-    from engine.expand import expand_checkpoint
+    from engine.checkpoint.expand import expand_checkpoint
 
     def high_water_bytes():
         for line in open("/proc/self/status"):

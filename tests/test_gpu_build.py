@@ -24,9 +24,9 @@ from build_scripts.build import MANIFEST_FILE, BuildError, BuildOptions, build, 
 from build_scripts.cli import build_command
 from build_scripts.llm_args import VERIFIED_CONFIG_FIELDS, VERIFIED_LLM_ARGS, unverified_llm_args
 from build_scripts.plan import Host
-from engine.checkpoint import iter_manifest, load_checkpoint
-from engine.config import load_config
-from engine.profiles import ProfileError
+from engine.checkpoint.config import load_config
+from engine.checkpoint.validate import iter_manifest, load_checkpoint
+from engine.gpu.profiles import ProfileError
 from engine.settings import EngineSettings
 
 MODELS = ("gpt-oss-20b", "gpt-oss-120b")
@@ -274,7 +274,7 @@ def test_a100_build_expands_the_experts_into_the_repository(smoke: Path, tmp_pat
         source_files), "files": source_files}
     record = manifest["weights"]
     assert (record["path"], record["source"], record["prepared"]) == (str(weights), str(smoke), True)
-    assert record["preparation"] == "MXFP4 experts expanded to BF16 (engine.expand)"
+    assert record["preparation"] == "MXFP4 experts expanded to BF16 (engine.checkpoint.expand)"
     expansion = record["expansion"]
     layers = load_config(smoke).num_hidden_layers
     assert expansion["expanded_tensors"] == 2 * layers  # gate_up_proj and down_proj per layer
@@ -297,8 +297,8 @@ def test_a100_expansion_needs_the_disk_space(smoke: Path, tmp_path: Path, monkey
 def gpu_host(monkeypatch: pytest.MonkeyPatch) -> None:
     """This machine passing for an H100 host with TensorRT-LLM: detection is faked, and the executor the selftest
     builds is the reference executor on the same checkpoint (TensorRT-LLM itself cannot run here)."""
-    from engine import selftest
-    from engine.reference_executor import ReferenceExecutor
+    from engine.executors.reference import ReferenceExecutor
+    from engine.gpu import selftest
 
     monkeypatch.setattr(build_module, "detect_host", lambda: Host("1.2.1", ("NVIDIA H100 80GB HBM3",)))
 
@@ -329,7 +329,7 @@ def test_on_a_gpu_host_the_build_loads_checks_and_records(gpu_host: None, smoke:
 
 def test_on_a_gpu_host_a_model_that_does_not_load_fails_the_build(gpu_host: None, smoke: Path, tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    from engine import selftest
+    from engine.gpu import selftest
 
     def refuse(settings: EngineSettings) -> None:
         raise NotImplementedError("WFP4A16 MoE is unsupported on SM80.")

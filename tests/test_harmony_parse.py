@@ -10,31 +10,33 @@ from hypothesis import strategies as st
 from openai_harmony import HarmonyEncoding, Role
 from openai_harmony import Message as HarmonyMessage
 
-from engine.harmony_parse import (
+from classification.completion import (
     BAD_HEADER,
-    CALL,
-    CHANNEL,
-    CONSTRAIN,
     DECODE_ERROR,
-    END,
-    END_OF_TEXT,
-    FIRST_SPECIAL,
     INVALID_TOKEN,
     INVALID_UTF8,
-    MESSAGE,
-    RETURN,
-    START,
-    START_OF_TEXT,
     STRAY_TOKEN,
     UNCLOSED_HEADER,
     UNEXPECTED_SPECIAL,
     UNTERMINATED_MESSAGE,
-    VOCAB_SIZE,
     ParsedCompletion,
     StreamParser,
     parse_completion,
 )
-from engine.vocab import load_harmony_encoding, load_mergeable_ranks
+from classification.tokens import (
+    CALL,
+    CHANNEL,
+    CONSTRAIN,
+    END,
+    END_OF_TEXT,
+    FIRST_SPECIAL,
+    MESSAGE,
+    RETURN,
+    START,
+    START_OF_TEXT,
+    VOCAB_SIZE,
+)
+from classification.vocab import load_harmony_encoding, load_mergeable_ranks
 
 ANOMALY_KINDS = {INVALID_TOKEN, UNEXPECTED_SPECIAL, STRAY_TOKEN, UNCLOSED_HEADER, UNTERMINATED_MESSAGE, BAD_HEADER,
                  DECODE_ERROR, INVALID_UTF8}

@@ -1,4 +1,5 @@
-"""engine.hf_tokenizer: the generated Hugging Face tokenizer files load everywhere and tokenize exactly like harmony."""
+"""engine.checkpoint.hf_tokenizer: the generated Hugging Face tokenizer files load everywhere and
+tokenize exactly like harmony."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ from tokenizers import Tokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import TikTokenConverter
 
-from engine import hf_tokenizer, vocab
+from classification import vocab
+from engine.checkpoint import hf_tokenizer
 
 TEST_CACHE = Path(__file__).resolve().parent.parent / ".cache" / "test-vocab" / "shared"
 # A quadratic merge derivation would take minutes; the real one takes a few seconds.

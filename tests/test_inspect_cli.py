@@ -14,11 +14,11 @@ import pytest
 from click.testing import CliRunner, Result
 from conftest import cached_checkpoint
 
-from engine.config import parse_config, preset_dict
-from engine.inventory import model_figures
-from engine.safetensors_io import read_header
+from engine.checkpoint.config import parse_config, preset_dict
+from engine.checkpoint.inventory import model_figures
+from engine.checkpoint.safetensors_io import read_header
 
-PRESETS = Path(str(resources.files("engine.presets")))
+PRESETS = Path(str(resources.files("engine.checkpoint.presets")))
 LAYERS = "model-00001-of-00002.safetensors"  # the smoke shard holding both layers
 
 

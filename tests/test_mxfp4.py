@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from engine import bf16, mxfp4
+from engine.checkpoint import bf16, mxfp4
 
 
 def _transformers_bits(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:

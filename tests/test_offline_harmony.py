@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import vocab
+from classification import vocab
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from openai_harmony import Conversation, DeveloperContent, Message, ReasoningEffort, Role, SystemContent
 
-from engine.vocab import load_harmony_encoding
+from classification.vocab import load_harmony_encoding
 
 try:
     socket.create_connection(("1.1.1.1", 443), timeout=2).close()

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.vocab import load_harmony_encoding
-from server.policy import load_policy
+from classification.policy import load_policy
+from classification.vocab import load_harmony_encoding
 
 LIBRARY = Path(__file__).resolve().parents[1] / "policies"
 POLICY_FILES = sorted(p for p in LIBRARY.glob("*.md") if p.name != "README.md")

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import DynamicCache, GptOssConfig
 
-from engine.prefix_cache import PrefixStore, kv_nbytes, prefix_key
+from engine.executors.prefix_store import PrefixStore, kv_nbytes, prefix_key
 
 HEAD_DIM = 8
 BYTES_PER_TOKEN = 2 * HEAD_DIM * 4  # K and V, one head, float32

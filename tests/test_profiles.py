@@ -14,8 +14,8 @@ import pytest
 from click.testing import CliRunner, Result
 
 from appliance.cli import ApplianceGroup
-from engine.config import ModelConfig, parse_config, preset_dict
-from engine.profiles import (
+from engine.checkpoint.config import ModelConfig, parse_config, preset_dict
+from engine.gpu.profiles import (
     GPU_COUNTS,
     GPU_KINDS,
     MAX_BATCH_SIZE,
@@ -27,9 +27,9 @@ from engine.profiles import (
     gpu_kind,
     list_profiles,
 )
-from engine.profiles_cli import profiles_command
+from engine.gpu.profiles_cli import profiles_command
 
-PRESETS = Path(str(resources.files("engine.presets")))
+PRESETS = Path(str(resources.files("engine.checkpoint.presets")))
 MIB = 1 << 20
 GIB = 1 << 30
 

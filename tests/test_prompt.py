@@ -3,17 +3,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from openai_harmony import Role
 
-from engine.prompt import (
-    EFFORTS,
-    Chat,
-    PromptRenderer,
-    PromptResponse,
-    Text,
-    Turn,
-    conversation,
-    serialise,
-)
-from engine.vocab import load_harmony_encoding
+from classification.content import Chat, PromptResponse, Text, Turn, serialise
+from classification.render import EFFORTS, PromptRenderer, conversation
+from classification.vocab import load_harmony_encoding
 
 POLICY = "# Spam\n\n## INSTRUCTIONS\nAnswer 0 or 1.\n\n## VIOLATES (1)\n- SP1.a unsolicited bulk offers"
 SPECIALS = ["<|start|>", "<|end|>", "<|channel|>", "<|message|>", "<|return|>", "<|call|>", "<|constrain|>",

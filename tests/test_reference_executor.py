@@ -18,13 +18,15 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from engine.executor import DEFAULT_STOP_TOKEN_IDS, GenerationChunk, GenerationRequest, RequestError, SamplingParams
-from engine.prefix_cache import PrefixStore
-from engine.prompt import PromptRenderer, Text
-from engine.reference_executor import ReferenceExecutor
+from classification.content import Text
+from classification.policy import load_policy
+from classification.render import PromptRenderer
+from classification.tokens import STOP_TOKEN_IDS
+from classification.vocab import load_harmony_encoding
+from engine.executors.base import GenerationChunk, GenerationRequest, RequestError, SamplingParams
+from engine.executors.prefix_store import PrefixStore
+from engine.executors.reference import ReferenceExecutor
 from engine.settings import EngineSettings
-from engine.vocab import load_harmony_encoding
-from server.policy import load_policy
 from tests.conftest import REPO, cached_checkpoint
 
 SHORT = Text("Buy cheap watches at example.com!!! Limited offer, click now.")
@@ -192,7 +194,7 @@ def test_greedy_tokens_equal_model_generate(request, renderer, dtype, prefix):
     executor: ReferenceExecutor = request.getfixturevalue(dtype)
     ids, prefix_len = prompt(renderer)
     expected = executor.model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=24,
-                                       eos_token_id=list(DEFAULT_STOP_TOKEN_IDS))[0, len(ids):].tolist()
+                                       eos_token_id=list(STOP_TOKEN_IDS))[0, len(ids):].tolist()
     plen = prefix_len if prefix else 0
     runs = [run(executor, request_for) for request_for in (new_request(ids, 24, plen), new_request(ids, 24, plen))]
     for chunks in runs:

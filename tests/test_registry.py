@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from appliance.cli import ApplianceGroup
-from server.policy import Policy, parse_policy
+from classification.policy import Policy, parse_policy
 from server.policy_cli import policy_group
 from server.registry import DB_NAME, SCHEMA_VERSION, Registry, RegistryError
 

@@ -31,7 +31,7 @@ POLICIES = ("p0", "p1", "p2")
 
 WRITER = r'''
 import random, sys
-from server.policy import parse_policy
+from classification.policy import parse_policy
 from server.registry import Registry, RegistryError
 
 state_dir, trial = sys.argv[1], int(sys.argv[2])

@@ -12,7 +12,7 @@ from collections import Counter
 
 import pytest
 
-from engine.errors import ApplianceError
+from classification.errors import ApplianceError
 from server.routing import Endpoint, NoHealthyEndpoint, Router, RouterConfig, RoutingError
 
 KEYS = [hashlib.sha256(f"policy-prefix-{i}".encode()).hexdigest() for i in range(10_000)]

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from engine.errors import CheckpointError
-from engine.safetensors_io import ShardWriter, iter_rows, read_header, read_tensor
+from engine.checkpoint.errors import CheckpointError
+from engine.checkpoint.safetensors_io import ShardWriter, iter_rows, read_header, read_tensor
 
 
 def _write(path, tensors):

@@ -19,12 +19,13 @@ from build_scripts.build import MANIFEST_FILE, BuildOptions, build
 from build_scripts.cli import build_command
 from build_scripts.plan import Host
 from build_scripts.selftest_cli import SelftestError, policy_text, selftest_command
-from engine import conformance, selftest
-from engine.conformance import CHECKS, ConformanceFailure
-from engine.reference_executor import ReferenceExecutor
-from engine.selftest import DEFAULT_POLICY
+from classification.policy import load_policy
+from engine.executors import conformance
+from engine.executors.conformance import CHECKS, ConformanceFailure
+from engine.executors.reference import ReferenceExecutor
+from engine.gpu import selftest
+from engine.gpu.selftest import DEFAULT_POLICY
 from engine.settings import EngineSettings
-from server.policy import load_policy
 
 
 def run(*args: str | Path) -> Result:

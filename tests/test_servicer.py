@@ -35,14 +35,14 @@ from test_triton_client import (
 )
 
 from benchmarks.canned_model import CannedModel, write_canned_model
+from classification.policy import load_policy
 from server import log as slog
 from server.generated.safeguard.v1 import safeguard_pb2 as pb
 from server.generated.safeguard.v1 import safeguard_pb2_grpc as pb_grpc
-from server.policy import load_policy
 from server.registry import Registry
 from server.servicer import LIVENESS_SERVICE, SERVICE_NAME, Frontend, build_server
 from server.settings import ServerSettings
-from server.triton_launcher import TritonConfig, TritonServer
+from server.triton.launcher import TritonConfig, TritonServer
 
 SMOKE = load_policy(Path(__file__).resolve().parents[1] / "policies" / "smoke.md")
 INLINE = """+++
@@ -521,7 +521,7 @@ def smoke_api(tmp_path_factory) -> Iterator[Api]:
     from click.testing import CliRunner
 
     from build_scripts.cli import build_command
-    from engine.smoke_model import ensure_trained
+    from engine.checkpoint.smoke_model import ensure_trained
 
     root = tmp_path_factory.mktemp("smoke-e2e")
     built = CliRunner().invoke(build_command, ["--gpu", "cpu", "--model", str(ensure_trained()),

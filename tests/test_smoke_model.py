@@ -14,14 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from engine import smoke_model
-from engine.checkpoint import check_checkpoint
-from engine.config import preset_dict
-from engine.prompt import serialise
-from engine.safetensors_io import read_header
-from engine.synth import synthesize
-from engine.vocab import load_harmony_encoding
-from server.policy import load_policy
+from classification.content import serialise
+from classification.policy import load_policy
+from classification.vocab import load_harmony_encoding
+from engine.checkpoint import smoke_model
+from engine.checkpoint.config import preset_dict
+from engine.checkpoint.safetensors_io import read_header
+from engine.checkpoint.synth import synthesize
+from engine.checkpoint.validate import check_checkpoint
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")

@@ -4,10 +4,10 @@ import json
 import pytest
 from conftest import cached_checkpoint
 
-from engine.config import preset_dict
-from engine.inventory import expected_tensors
-from engine.safetensors_io import read_header
-from engine.synth import shard_name, synthesize
+from engine.checkpoint.config import preset_dict
+from engine.checkpoint.inventory import expected_tensors
+from engine.checkpoint.safetensors_io import read_header
+from engine.checkpoint.synth import shard_name, synthesize
 
 
 def _digest(directory):

@@ -24,8 +24,8 @@ from benchmarks.canned_model import (
     harmony_completion,
     write_canned_model,
 )
-from engine.vocab import load_harmony_encoding
-from server.triton_client import (
+from classification.vocab import load_harmony_encoding
+from server.triton.client import (
     Chunk,
     EndpointUnavailable,
     GenerateRequest,
@@ -33,7 +33,7 @@ from server.triton_client import (
     TritonEndpoint,
     TritonTimeout,
 )
-from server.triton_launcher import TritonConfig, TritonServer
+from server.triton.launcher import TritonConfig, TritonServer
 
 FINGERPRINT = "canned-model-for-tests"
 SLOW, BANANA, GARBLE, FAIL = "SLOWLY", "BANANA", "GARBLE", "EXPLODE"

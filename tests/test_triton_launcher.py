@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from server.triton_launcher import SHM_DIR, TritonConfig, TritonError, TritonServer, group_members, tritonserver_version
+from server.triton.launcher import SHM_DIR, TritonConfig, TritonError, TritonServer, group_members, tritonserver_version
 
 ECHO_MODEL = '''
 import threading
@@ -209,7 +209,7 @@ def test_server_dies_with_an_owner_that_is_killed(tmp_path):
     repository = write_echo_repository(tmp_path / "repo")
     owner = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys, time; from server.triton_launcher import TritonConfig, TritonServer; "
+         "import sys, time; from server.triton.launcher import TritonConfig, TritonServer; "
          f"s = TritonServer(TritonConfig(repository={str(repository)!r})); s.start(120); "
          "print(s.process.pid, flush=True); time.sleep(600)"],
         stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])

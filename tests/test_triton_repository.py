@@ -19,11 +19,11 @@ from appliance.cli import ApplianceGroup
 from build_scripts.build import MANIFEST_FILE, BuildError, BuildOptions, build, manifest_fingerprint
 from build_scripts.cli import build_command
 from build_scripts.repository import MODEL_SHIM
-from engine.checkpoint import iter_manifest
+from engine.checkpoint.validate import iter_manifest
 from engine.settings import EngineSettings
 
 DataType = model_config_pb2.DataType
-# DESIGN §4.2, spelled out here rather than taken from engine.triton_model so a change to the contract shows up.
+# DESIGN §4.2, spelled out here rather than taken from engine.triton.model so a change to the contract shows up.
 CONTRACT_INPUTS = {
     "input_ids": (DataType.TYPE_INT32, [-1], False),
     "max_tokens": (DataType.TYPE_INT32, [1], False),
@@ -93,7 +93,7 @@ def test_engine_settings(repo: Path, smoke: Path) -> None:
 
 
 def test_model_file_is_the_shim(repo: Path) -> None:
-    from engine.triton_model import TritonPythonModel
+    from engine.triton.model import TritonPythonModel
 
     source = (repo / "safeguard" / "1" / "model.py").read_text()
     assert source == MODEL_SHIM and len(source.splitlines()) == 2

@@ -23,12 +23,14 @@ from click.testing import CliRunner
 from conftest import cached_checkpoint
 
 from build_scripts.cli import build_command
-from engine.executor import DEFAULT_PREFIX_PRIORITY, DEFAULT_STOP_TOKEN_IDS, GenerationChunk, RequestError
-from engine.prompt import PromptRenderer, Text
-from engine.triton_model import generation_request, response_arrays
-from engine.vocab import load_harmony_encoding
-from server.policy import load_policy
-from server.triton_launcher import SHM_DIR, TritonConfig, TritonServer, group_members
+from classification.content import Text
+from classification.policy import load_policy
+from classification.render import PromptRenderer
+from classification.tokens import STOP_TOKEN_IDS
+from classification.vocab import load_harmony_encoding
+from engine.executors.base import DEFAULT_PREFIX_PRIORITY, GenerationChunk, RequestError
+from engine.triton.model import generation_request, response_arrays
+from server.triton.launcher import SHM_DIR, TritonConfig, TritonServer, group_members
 
 POLICY = Path(__file__).resolve().parents[1] / "policies" / "smoke.md"
 MODEL = "safeguard"
@@ -47,7 +49,7 @@ def test_generation_request_defaults() -> None:
     assert (request.request_id, request.input_ids, request.max_tokens) == ("r1", (1, 2, 3), 5)
     assert (request.prefix_len, request.prefix_priority) == (0, DEFAULT_PREFIX_PRIORITY)
     assert request.sampling.temperature == 0.0 and request.sampling.seed is None
-    assert request.sampling.stop_token_ids == DEFAULT_STOP_TOKEN_IDS
+    assert request.sampling.stop_token_ids == STOP_TOKEN_IDS
 
 
 def test_generation_request_every_input() -> None:
@@ -171,8 +173,8 @@ SCRIPTED_MODEL = '''
 """The real adapter over a scripted executor: input_ids[0] picks the behaviour."""
 import asyncio
 
-import engine.triton_model as adapter
-from engine.executor import Executor, GenerationChunk, RequestError
+import engine.triton.model as adapter
+from engine.executors.base import Executor, GenerationChunk, RequestError
 
 
 class ScriptedExecutor(Executor):
@@ -326,7 +328,7 @@ def transformers_greedy(serving: Serving):
     def greedy(ids: list[int], max_new_tokens: int) -> list[int]:
         with torch.inference_mode():
             out = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
-                                 eos_token_id=list(DEFAULT_STOP_TOKEN_IDS), pad_token_id=199999)
+                                 eos_token_id=list(STOP_TOKEN_IDS), pad_token_id=199999)
         return out[0, len(ids):].tolist()
 
     return greedy

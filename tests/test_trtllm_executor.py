@@ -23,16 +23,16 @@ from types import ModuleType
 
 import pytest
 
-from engine.config import preset_dict
-from engine.executor import GenerationChunk, GenerationRequest, RequestError, SamplingParams
+from engine.checkpoint.config import preset_dict
+from engine.executors.base import GenerationChunk, GenerationRequest, RequestError, SamplingParams
+from engine.executors.trtllm import TrtllmExecutor, finish_reason
 from engine.settings import EngineSettings, SettingsError
-from engine.trtllm_executor import TrtllmExecutor, finish_reason
 from tests.conftest import REPO
 
 FAKE_DIR = Path(__file__).parent / "fake_tensorrt_llm"
 RETURN, CALL = 200002, 200012
 PROMPT = tuple(range(1000, 1100))
-# The shape engine/profiles.py writes to engine.json for a GPU profile.
+# The shape engine/gpu/profiles.py writes to engine.json for a GPU profile.
 PROFILE = {
     "tensor_parallel_size": 1,
     "moe_expert_parallel_size": 1,
@@ -99,7 +99,7 @@ async def collect(executor: TrtllmExecutor, req: GenerationRequest) -> list[Gene
 
 
 def test_importing_the_serving_modules_does_not_import_tensorrt_llm():
-    code = ("import sys, engine.executor, engine.settings, engine.triton_model, engine.trtllm_executor\n"
+    code = ("import sys, engine.executors.base, engine.settings, engine.triton.model, engine.executors.trtllm\n"
             "loaded = [m for m in sys.modules if m.split('.')[0] == 'tensorrt_llm']\n"
             "assert not loaded, loaded\n")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=120)

@@ -12,7 +12,9 @@ from hypothesis import strategies as st
 from openai_harmony import HarmonyEncoding, Role
 from openai_harmony import Message as HarmonyMessage
 
-from engine.harmony_parse import (
+from classification.completion import Message, ParsedCompletion, parse_completion
+from classification.policy import OutputSpec
+from classification.tokens import (
     CALL,
     CHANNEL,
     CONSTRAIN,
@@ -24,13 +26,8 @@ from engine.harmony_parse import (
     START,
     START_OF_TEXT,
     VOCAB_SIZE,
-    Message,
-    ParsedCompletion,
-    parse_completion,
 )
-from engine.vocab import load_harmony_encoding
-from server.policy import OutputSpec
-from server.verdict import (
+from classification.verdict import (
     EXTRA_MESSAGES,
     MALFORMED,
     MISSING_FINAL,
@@ -40,6 +37,7 @@ from server.verdict import (
     Verdict,
     parse_verdict,
 )
+from classification.vocab import load_harmony_encoding
 
 BINARY = OutputSpec("binary")
 PLAIN_JSON = OutputSpec("json")

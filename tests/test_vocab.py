@@ -1,4 +1,4 @@
-"""engine.vocab: the exact o200k file rebuilt offline, its hash checks, the cache and the harmony encoding."""
+"""classification.vocab: the exact o200k file rebuilt offline, its hash checks, the cache and the harmony encoding."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine import vocab
-from engine.errors import VocabularyError
+from classification import vocab
+from classification.errors import VocabularyError
 
 TEST_CACHE_ROOT = Path(__file__).resolve().parent.parent / ".cache" / "test-vocab"
 

@@ -26,7 +26,7 @@ COPY policies ./policies
 # bundled Triton links libpython, which the official image ships as a shared library.
 RUN pip install "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu \
  && pip install ".[cpu]" \
- && python -c "from engine.vocab import ensure_encodings_base; print(ensure_encodings_base())" \
+ && python -c "from classification.vocab import ensure_encodings_base; print(ensure_encodings_base())" \
  && appliance synth --preset smoke --out /opt/safeguard/models/smoke
 
 EXPOSE 50151 9464

@@ -1,4 +1,4 @@
-# GPU image: Triton with TensorRT-LLM 1.2.1 (the release engine/trtllm_executor.py is written against), plus the
+# GPU image: Triton with TensorRT-LLM 1.2.1 (the release engine/executors/trtllm.py is written against), plus the
 # appliance and its tokenizer vocabulary. Nothing is downloaded at run time: build this where the registries are
 # reachable, then `docker save` it for an air-gapped site (docs/air-gap.md).
 #
@@ -31,7 +31,7 @@ RUN python3 -m pip install --no-deps . \
       "grpcio-health-checking==1.81.1" "grpcio-reflection==1.81.1" \
  && python3 -c "import tensorrt_llm, sys; print('tensorrt_llm', tensorrt_llm.__version__); \
 sys.exit(0 if tensorrt_llm.__version__.startswith('1.2.') else 'expected TensorRT-LLM 1.2.x')" \
- && python3 -c "from engine.vocab import ensure_encodings_base; print(ensure_encodings_base())"
+ && python3 -c "from classification.vocab import ensure_encodings_base; print(ensure_encodings_base())"
 
 EXPOSE 50151 9464
 ENTRYPOINT ["appliance"]

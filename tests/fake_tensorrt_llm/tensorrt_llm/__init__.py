@@ -1,6 +1,6 @@
 """FAKE for unit tests; not TensorRT-LLM.
 
-A stand-in for the few `tensorrt_llm` names engine/trtllm_executor.py uses, so tests can check our own plumbing
+A stand-in for the few `tensorrt_llm` names engine/executors/trtllm.py uses, so tests can check our own plumbing
 (argument mapping, streaming, cancellation, cached tokens) on a machine without TensorRT-LLM. It proves nothing
 about TensorRT-LLM itself: docs/trtllm.md says where each real name was checked. Only tests/test_trtllm_executor.py
 puts this directory on sys.path, and only for the duration of a test.

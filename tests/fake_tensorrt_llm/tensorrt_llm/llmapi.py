@@ -1,6 +1,6 @@
 """FAKE for unit tests; not TensorRT-LLM.
 
-The `tensorrt_llm.llmapi` names engine/trtllm_executor.py uses, with the signatures and the few behaviours of
+The `tensorrt_llm.llmapi` names engine/executors/trtllm.py uses, with the signatures and the few behaviours of
 TensorRT-LLM 1.2.x that our plumbing depends on (docs/trtllm.md cites the real source for each):
 
 - config classes reject unknown fields (the real ones are pydantic models with extra="forbid");

@@ -1,0 +1,22 @@
+"""Building the executor that an engine settings file names.
+
+Both the Triton model (`engine.triton.model`) and `appliance selftest` (`engine.gpu.selftest`) start executors here, so
+a selftest exercises exactly what Triton would load. Each executor module is imported only when chosen: TensorRT-LLM
+exists only in the GPU image, and torch/transformers are not needed to serve with it.
+"""
+
+from __future__ import annotations
+
+from engine.executors.base import Executor
+from engine.settings import EngineSettings
+
+
+def create_executor(settings: EngineSettings) -> Executor:
+    """The executor engine.json names, loaded and ready (this blocks while the model loads)."""
+    if settings.executor == "reference":
+        from engine.executors.reference import ReferenceExecutor
+
+        return ReferenceExecutor(settings)
+    from engine.executors.trtllm import TrtllmExecutor
+
+    return TrtllmExecutor(settings)

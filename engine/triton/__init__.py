@@ -1,0 +1,1 @@
+"""The Triton side of the serving path: the tensor contract and the python-backend model."""
