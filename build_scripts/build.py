@@ -52,6 +52,7 @@ from engine.checkpoint.validate import check_checkpoint, iter_manifest, load_che
 from engine.gpu.profiles import DEFAULT_CONTEXT, GPU_ALIASES, GPU_KINDS, GpuKind, Profile, fit
 from engine.settings import SETTINGS_FILE, EngineSettings
 from engine.triton.contract import MODEL_NAME, MODEL_VERSION
+from engine.triton.runtime import tritonserver_version
 
 if TYPE_CHECKING:
     from engine.gpu.selftest import SelftestReport
@@ -334,8 +335,6 @@ def _manifest(*, target: BuildTarget, profile: Profile | None, plan: Plan, setti
               model_dir: Path, files: dict[str, dict[str, Any]], fingerprint: str, settings_bytes: bytes,
               checked: str, warnings: list[str], weights: dict[str, Any], host: Host | None,
               context: int) -> dict[str, Any]:
-    from server.triton.launcher import tritonserver_version
-
     versions = {name: _package_version(name) for name in VERSIONED_PACKAGES}
     versions["python"] = platform.python_version()
     versions["tritonserver"] = tritonserver_version()

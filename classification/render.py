@@ -11,8 +11,9 @@ tokenized, always as ordinary text, so content can never produce special tokens 
 seven ordinary tokens). The cache key is sha256 over the model fingerprint and the prefix ids.
 
 Content is tokenized with quicktok's o200k encoder when it agrees with harmony's on a probe: it is exact BPE over
-the same vocabulary (the one our offline vocabulary file is rebuilt from) and about 1.4x faster, which matters
-because tokenizing the content is the only per-request rendering work.
+the same vocabulary (the one our offline vocabulary file is rebuilt from) and about ten times faster on this machine
+(14 against 200 µs for 2,000 characters), which matters because tokenizing the content is the only per-request
+rendering work.
 """
 
 from __future__ import annotations

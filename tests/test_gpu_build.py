@@ -65,7 +65,7 @@ def config_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     dirs = {}
     for name in MODELS:
         (root / name).mkdir()
-        shutil.copyfile(REPO / "engine" / "presets" / f"{name}.json", root / name / "config.json")
+        shutil.copyfile(REPO / "engine" / "checkpoint" / "presets" / f"{name}.json", root / name / "config.json")
         dirs[name] = root / name
     return dirs
 

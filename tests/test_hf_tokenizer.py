@@ -252,7 +252,7 @@ def test_special_token_text_matches_harmony(loaded: Loaded, encoding: HarmonyEnc
 
 
 def test_known_published_encoding(loaded: Loaded) -> None:
-    # From a third-party test against OpenAI's published tokenizer.json (see research/safeguard_facts.md §4.3).
+    # From a third-party test against OpenAI's published tokenizer.json .
     text = "<|startoftext|><|start|><|message|>Hello World<|end|><|endoftext|>"
     assert loaded.encode(text) == [199998, 200006, 200008, 13225, 5922, 200007, 199999]
 

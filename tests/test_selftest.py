@@ -141,7 +141,8 @@ def test_a_planned_gpu_repository_is_verified_by_the_selftest(smoke: Path, tmp_p
 def test_a_dry_run_repository_is_refused(tmp_path: Path) -> None:
     config_dir = tmp_path / "model"
     config_dir.mkdir()
-    (config_dir / "config.json").write_text((REPO / "engine" / "presets" / "gpt-oss-20b.json").read_text())
+    preset = REPO / "engine" / "checkpoint" / "presets" / "gpt-oss-20b.json"
+    (config_dir / "config.json").write_text(preset.read_text())
     out = tmp_path / "repo"
     assert run("build", "--gpu", "h100", "--model", config_dir, "--out", out, "--dry-run").exit_code == 0
     result = run("selftest", "--repo", out)

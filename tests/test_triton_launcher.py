@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from server.triton.launcher import SHM_DIR, TritonConfig, TritonError, TritonServer, group_members, tritonserver_version
+from engine.triton.runtime import TritonLaunchError, tritonserver_version
+from server.triton.launcher import SHM_DIR, TritonConfig, TritonServer, group_members
 
 ECHO_MODEL = '''
 import threading
@@ -149,7 +150,7 @@ def test_serves_on_loopback_and_stop_leaves_nothing(tmp_path):
 def test_failing_model_error_carries_triton_log(tmp_path):
     repo = write_echo_repository(tmp_path / "repo", initialize='raise RuntimeError("deliberate failure 4711")')
     server = TritonServer(TritonConfig(repo, workdir=tmp_path / "work"))
-    with pytest.raises(TritonError) as caught:
+    with pytest.raises(TritonLaunchError) as caught:
         server.start(timeout=60)
     message = str(caught.value)
     assert "exited with status" in message and "deliberate failure 4711" in message
@@ -162,7 +163,7 @@ def test_failing_model_error_carries_triton_log(tmp_path):
 def test_not_ready_in_time_is_an_error_and_cleans_up(tmp_path):
     repo = write_echo_repository(tmp_path / "repo", initialize="import time; time.sleep(4)")
     server = TritonServer(TritonConfig(repo))
-    with pytest.raises(TritonError, match="not ready after 1 s"):
+    with pytest.raises(TritonLaunchError, match="not ready after 1 s"):
         server.start(timeout=1)
     assert processes_mentioning(server.shm_prefix) == []
     assert list(SHM_DIR.glob(f"{server.shm_prefix}*")) == []
@@ -186,7 +187,7 @@ def test_stop_cleans_up_after_a_killed_process(tmp_path, victim):
 
 
 def test_missing_repository(tmp_path):
-    with pytest.raises(TritonError, match="no such model repository"):
+    with pytest.raises(TritonLaunchError, match="no such model repository"):
         TritonServer(TritonConfig(tmp_path / "nowhere")).start()
 
 

@@ -23,7 +23,7 @@ from engine.checkpoint.validate import iter_manifest
 from engine.settings import EngineSettings
 
 DataType = model_config_pb2.DataType
-# DESIGN §4.2, spelled out here rather than taken from engine.triton.model so a change to the contract shows up.
+# The contract (engine.triton.contract), spelled out here rather than imported so a change to the contract shows up.
 CONTRACT_INPUTS = {
     "input_ids": (DataType.TYPE_INT32, [-1], False),
     "max_tokens": (DataType.TYPE_INT32, [1], False),

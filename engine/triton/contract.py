@@ -1,4 +1,4 @@
-"""The Triton contract of the `safeguard` model (DESIGN §4.2): its name and version, its tensors, its config
+"""The Triton contract of the `safeguard` model: its name and version, its tensors, its config
 parameters, and `config.pbtxt` written from them. The Triton model, the Triton client, the repository writer and the
 front end's model discovery all read it from here, so the two sides of the wire cannot drift apart.
 

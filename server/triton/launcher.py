@@ -1,12 +1,8 @@
 """Starting and stopping the tritonserver binary that ships in the nvidia-pytriton wheel.
 
-The wheel carries tritonserver 2.51 and the python backend, but not laid out for running the binary directly
-(research/feasibility.md §1). Each server gets a private working directory holding a copy of the wheel's
-backends with the python-backend stub for this interpreter copied into `backends/python/`, and its log. Its
-environment puts the wheel's bundled libraries and this interpreter's libpython on LD_LIBRARY_PATH (the stub links
-libpython and finds its other libraries through a relative RPATH that the copy breaks), this interpreter's `bin`
-first on PATH (the stub takes its Python environment, so numpy<2 and the appliance, from the `python3` it finds
-there) and the appliance's sources on PYTHONPATH.
+Each server gets a private working directory holding a copy of the wheel's backends with the python-backend stub
+for this interpreter copied into `backends/python/`, and its log; where the wheel keeps them, and the environment
+the binary needs, is `engine.triton.runtime`.
 
 Every endpoint binds to one address, 127.0.0.1 unless told otherwise: the front end is the only client. The server
 runs in its own session, so stopping it signals the whole process group (server and python-backend stubs) and
@@ -17,16 +13,12 @@ segments a crashed server or stub leaves in /dev/shm are found and removed witho
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import functools
 import os
 import secrets
 import shutil
 import signal
 import socket
 import subprocess
-import sys
-import sysconfig
 import tempfile
 import time
 import urllib.error
@@ -35,10 +27,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from classification.errors import ApplianceError
+from engine.triton.runtime import (
+    STUB_NAME,
+    TritonInstall,
+    TritonLaunchError,
+    die_with_parent,
+    environment,
+    signal_group,
+)
 
 SHM_DIR = Path("/dev/shm")
-STUB_NAME = "triton_python_backend_stub"
 LOG_TAIL_LINES = 40
 STOP_MARGIN_S = 10.0  # beyond the exit timeout, for unloading models (freeing a GPU takes seconds)
 ORPHAN_GRACE_S = 2.0
@@ -46,50 +44,6 @@ ORPHAN_GRACE_S = 2.0
 # open, so a stream still open at shutdown holds the server up for good once it has logged this.
 EXIT_TIMEOUT_EXPIRED = "Exit timeout expired. Exiting immediately."
 POLL_S = 0.05
-
-
-class TritonError(ApplianceError):
-    """tritonserver could not be found, started or made ready."""
-
-
-
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-def _die_with_parent() -> None:
-    """Runs in the child before exec: the kernel SIGKILLs tritonserver if its owner dies without stopping it
-    (the server has its own session, so a killed owner would otherwise leave it running). The signal follows the
-    thread that started the server, so start it from a thread that lives as long as the server should."""
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-@dataclass(frozen=True)
-class TritonInstall:
-    """Where the wheel keeps the server, its backends, the per-Python stubs and its bundled shared libraries."""
-
-    root: Path  # site-packages/pytriton/tritonserver
-    libs: Path  # site-packages/nvidia_pytriton.libs
-
-    @property
-    def binary(self) -> Path:
-        return self.root / "bin" / "tritonserver"
-
-    @property
-    def stub(self) -> Path:
-        return self.root / "python_backend_stubs" / f"{sys.version_info.major}.{sys.version_info.minor}" / STUB_NAME
-
-    @classmethod
-    def find(cls) -> TritonInstall:
-        try:
-            import pytriton
-        except ImportError:
-            raise TritonError("tritonserver is not installed: install the appliance with its 'cpu' extra "
-                              "(nvidia-pytriton)") from None
-        site = Path(pytriton.__file__).resolve().parents[1]
-        install = cls(site / "pytriton" / "tritonserver", site / "nvidia_pytriton.libs")
-        missing = [str(p) for p in (install.binary, install.stub, install.libs) if not p.exists()]
-        if missing:
-            raise TritonError(f"the nvidia-pytriton install is incomplete: missing {', '.join(missing)}")
-        return install
 
 
 @dataclass(frozen=True)
@@ -134,7 +88,7 @@ class TritonServer:
     @property
     def log_path(self) -> Path:
         if self.workdir is None:
-            raise TritonError("the server has not been started")
+            raise TritonLaunchError("the server has not been started")
         return self.workdir / "tritonserver.log"
 
     def log_text(self) -> str:
@@ -144,14 +98,14 @@ class TritonServer:
             return ""
 
     def start(self, timeout: float = 120.0) -> TritonServer:
-        """Launch the server and wait until it and every model are ready; raise TritonError with the log's tail
+        """Launch the server and wait until it and every model are ready; raise TritonLaunchError with the log's tail
         (the server already stopped) if it fails or times out."""
         if self.process is not None:
-            raise TritonError("the server is already running")
+            raise TritonLaunchError("the server is already running")
         install = TritonInstall.find()
         cfg = self.config
         if not Path(cfg.repository).is_dir():
-            raise TritonError(f"{cfg.repository}: no such model repository")
+            raise TritonLaunchError(f"{cfg.repository}: no such model repository")
         self.workdir = Path(cfg.workdir) if cfg.workdir else Path(tempfile.mkdtemp(prefix="tritonserver-"))
         backends = _prepare_backends(install, self.workdir)
         self.grpc_port, self.http_port, self.metrics_port = (p or _free_port(cfg.host) for p in
@@ -175,9 +129,9 @@ class TritonServer:
         try:
             with self.log_path.open("wb") as log:
                 self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log,
-                                                stderr=subprocess.STDOUT, env=_environment(install),
+                                                stderr=subprocess.STDOUT, env=environment(install),
                                                 cwd=self.workdir, start_new_session=True,
-                                                preexec_fn=_die_with_parent)
+                                                preexec_fn=die_with_parent)
             self.wait_ready(timeout)
         except BaseException:
             self.stop()
@@ -188,16 +142,17 @@ class TritonServer:
         """Poll /v2/health/ready until the server and all its models are ready."""
         process = self.process
         if process is None:
-            raise TritonError("the server has not been started")
+            raise TritonLaunchError("the server has not been started")
         deadline = time.monotonic() + timeout
         while True:
             if process.poll() is not None:
-                raise TritonError(f"tritonserver exited with status {process.returncode} before it was ready; "
+                raise TritonLaunchError(f"tritonserver exited with status {process.returncode} before it was ready; "
                                   f"its log ends:\n{self.log_tail()}")
             if _http_ok(f"{self.http_url}/v2/health/ready"):
                 return
             if time.monotonic() > deadline:
-                raise TritonError(f"tritonserver was not ready after {timeout:.0f} s; its log ends:\n{self.log_tail()}")
+                raise TritonLaunchError(f"tritonserver was not ready after {timeout:.0f} s; its log ends:\n"
+                                        f"{self.log_tail()}")
             time.sleep(POLL_S)
 
     def _log_after(self, offset: int) -> str:
@@ -229,13 +184,13 @@ class TritonServer:
                 process.send_signal(signal.SIGTERM)
             _wait_until(lambda: process.poll() is not None or EXIT_TIMEOUT_EXPIRED in self._log_after(logged), grace)
             if process.poll() is None:
-                _signal_group(pgid, signal.SIGKILL)
+                signal_group(pgid, signal.SIGKILL)
             status = process.wait()
             # A stub outlives a server that crashed or was killed; without its server it has nothing left to do.
             if not _wait_until(lambda: not group_members(pgid), ORPHAN_GRACE_S):
-                _signal_group(pgid, signal.SIGKILL)
+                signal_group(pgid, signal.SIGKILL)
                 if not _wait_until(lambda: not group_members(pgid), STOP_MARGIN_S):
-                    raise TritonError(f"processes {group_members(pgid)} of tritonserver {pgid} survived SIGKILL")
+                    raise TritonLaunchError(f"processes {group_members(pgid)} of tritonserver {pgid} survived SIGKILL")
         if self.shm_prefix:
             for segment in SHM_DIR.glob(f"{self.shm_prefix}*"):
                 segment.unlink(missing_ok=True)
@@ -267,31 +222,6 @@ def group_members(pgid: int) -> list[int]:
     return members
 
 
-@functools.cache
-def tritonserver_version() -> str | None:
-    """The version the bundled server reports (it prints it in its start-up table); None if not installed."""
-    try:
-        install = TritonInstall.find()
-    except TritonError:
-        return None
-    with tempfile.TemporaryDirectory(prefix="tritonserver-version-") as empty:
-        command = [str(install.binary), f"--model-repository={empty}", "--model-control-mode=explicit",
-                   "--allow-http=false", "--allow-grpc=false", "--allow-metrics=false"]
-        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, env=_environment(install), start_new_session=True,
-                                   preexec_fn=_die_with_parent)
-        try:
-            assert process.stdout is not None
-            for raw in process.stdout:
-                cells = [c.strip() for c in raw.decode(errors="replace").split("|")]
-                if len(cells) > 2 and cells[1] == "server_version":
-                    return cells[2]
-            return None
-        finally:
-            _signal_group(process.pid, signal.SIGKILL)  # holds no models, no shared memory: nothing to clean
-            process.wait()
-
-
 def _without_options_table(lines: list[str]) -> list[str]:
     kept, in_table = [], False
     for i, line in enumerate(lines):
@@ -313,21 +243,6 @@ def _prepare_backends(install: TritonInstall, workdir: Path) -> Path:
     return backends
 
 
-def _environment(install: TritonInstall) -> dict[str, str]:
-    import engine
-
-    env = dict(os.environ)
-
-    def prepend(name: str, *paths: str) -> None:
-        env[name] = os.pathsep.join([*paths, *filter(None, [env.get(name)])])
-
-    prepend("LD_LIBRARY_PATH", str(install.libs), sysconfig.get_config_var("LIBDIR"))
-    # Not resolved: a venv's bin/python is a symlink to the base interpreter, and the venv is what the stub needs.
-    prepend("PATH", str(Path(sys.executable).parent))
-    prepend("PYTHONPATH", str(Path(engine.__file__).resolve().parents[1]))
-    return env
-
-
 def _free_port(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
@@ -344,11 +259,6 @@ def _http_ok(url: str) -> bool:
             return response.status == 200
     except (urllib.error.URLError, OSError):
         return False
-
-
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, sig)
 
 
 def _wait_until(condition: Callable[[], bool], timeout: float) -> bool:

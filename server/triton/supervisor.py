@@ -13,7 +13,8 @@ import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from server.triton.launcher import TritonConfig, TritonError, TritonServer
+from engine.triton.runtime import TritonLaunchError
+from server.triton.launcher import TritonConfig, TritonServer
 
 log = logging.getLogger("safeguard.supervisor")
 
@@ -33,14 +34,14 @@ class TritonSupervisor:
         self.restarts = 0
         self._stopping = threading.Event()
         self._started = threading.Event()
-        self._failure: TritonError | None = None
+        self._failure: TritonLaunchError | None = None
         self._server: TritonServer | None = None
         self._thread = threading.Thread(target=self._run, name="triton-supervisor", daemon=False)
 
     @property
     def grpc_url(self) -> str:
         if self._server is None:
-            raise TritonError("tritonserver has not started")
+            raise TritonLaunchError("tritonserver has not started")
         return self._server.grpc_url
 
     @property
@@ -48,7 +49,7 @@ class TritonSupervisor:
         return self._server
 
     def start(self) -> str:
-        """Start the server and block until it is ready; raise TritonError (with Triton's log) if it cannot."""
+        """Start the server and block until it is ready; raise TritonLaunchError (with Triton's log) if it cannot."""
         self._thread.start()
         self._started.wait()
         if self._failure is not None:
@@ -68,7 +69,7 @@ class TritonSupervisor:
             server = TritonServer(triton)
             try:
                 server.start(self.config.start_timeout_s)
-            except TritonError as exc:
+            except TritonLaunchError as exc:
                 if not self._started.is_set():
                     self._failure = exc
                     self._started.set()
