@@ -5,10 +5,10 @@ from __future__ import annotations
 import itertools
 
 import pytest
+from harmony_tokens import build, rendered
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from openai_harmony import HarmonyEncoding, Role
-from openai_harmony import Message as HarmonyMessage
 
 from classification.completion import (
     BAD_HEADER,
@@ -48,24 +48,6 @@ PROPERTY = settings(max_examples=300, deadline=None, suppress_health_check=[Heal
 @pytest.fixture(scope="session")
 def encoding() -> HarmonyEncoding:
     return load_harmony_encoding()
-
-
-def build(encoding: HarmonyEncoding, *parts: int | str) -> list[int]:
-    """A token list from special ids and ordinary text (encoded piecewise, as harmony renders headers)."""
-    tokens: list[int] = []
-    for part in parts:
-        tokens.extend([part] if isinstance(part, int) else encoding.encode(part, disallowed_special=()))
-    return tokens
-
-
-def rendered(encoding: HarmonyEncoding, analysis: str | None, final: str) -> list[int]:
-    """A completion as harmony's own renderer writes it: the prompt's `<|start|>assistant` cut, `<|return|>` last."""
-    messages = [] if analysis is None else [("analysis", analysis)]
-    tokens: list[int] = []
-    for channel, text in [*messages, ("final", final)]:
-        tokens.extend(encoding.render(HarmonyMessage.from_role_and_content(Role.ASSISTANT, text).with_channel(channel)))
-    assert tokens[:2] == [START, 173781] and tokens[-1] == END
-    return [*tokens[2:-1], RETURN]
 
 
 def kinds(parsed: ParsedCompletion) -> list[str]:

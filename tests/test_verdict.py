@@ -7,10 +7,10 @@ import json
 from typing import Any
 
 import pytest
+from harmony_tokens import build, rendered
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from openai_harmony import HarmonyEncoding, Role
-from openai_harmony import Message as HarmonyMessage
+from openai_harmony import HarmonyEncoding
 
 from classification.completion import Message, ParsedCompletion, parse_completion
 from classification.policy import OutputSpec
@@ -53,20 +53,8 @@ def encoding() -> HarmonyEncoding:
     return load_harmony_encoding()
 
 
-def build(encoding: HarmonyEncoding, *parts: int | str) -> list[int]:
-    tokens: list[int] = []
-    for part in parts:
-        tokens.extend([part] if isinstance(part, int) else encoding.encode(part, disallowed_special=()))
-    return tokens
-
-
 def completion(encoding: HarmonyEncoding, final: str, analysis: str | None = "Reasoning.") -> list[int]:
-    """analysis + final as harmony renders them, ending in <|return|> (the prompt's `<|start|>assistant` cut)."""
-    messages = [] if analysis is None else [("analysis", analysis)]
-    tokens: list[int] = []
-    for channel, text in [*messages, ("final", final)]:
-        tokens.extend(encoding.render(HarmonyMessage.from_role_and_content(Role.ASSISTANT, text).with_channel(channel)))
-    return [*tokens[2:-1], RETURN]
+    return rendered(encoding, analysis, final)
 
 
 def verdict_of(encoding: HarmonyEncoding, tokens: list[int], output: OutputSpec = BINARY,
