@@ -1,2 +1,3 @@
 """Checkpoints: configuration, tensor inventory, safetensors I/O, validation, the MXFP4 codec, BF16 expansion
-and synthetic checkpoints."""
+synthetic checkpoints
+and the trained smoke model."""
