@@ -63,11 +63,12 @@ def _step(message: str) -> float:
 def prepare(work: Path) -> Path:
     """Synthesize (or reuse) the trained smoke model and build its CPU repository; returns the repository."""
     from build_scripts.build import BuildOptions, build
+    from engine.checkpoint.smoke.cache import trained_weights
     from engine.checkpoint.synth import synthesize
 
     t0 = _step("smoke model (a fixture and demo, not a classifier): synthesize, trained once and cached")
     model = work / "model"
-    synthesize("smoke", model, train=True)
+    synthesize("smoke", model, weights=trained_weights())
     click.echo(f"    {model} ready in {time.perf_counter() - t0:.1f} s")
     t0 = _step("appliance build --gpu cpu: Triton model repository for the reference executor")
     result = build(BuildOptions(target="cpu", model_dir=model, out=work / "repo", force=True))

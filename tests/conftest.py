@@ -40,7 +40,7 @@ def cached_checkpoint(preset: str, *, layers: int | None = None, tokenizer: bool
             shutil.rmtree(stale, ignore_errors=True)
         partial = final.with_name(name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
-        synthesize(preset, partial, layers=layers, tokenizer=tokenizer, train=False)
+        synthesize(preset, partial, layers=layers, tokenizer=tokenizer)
         partial.rename(final)
     return final
 

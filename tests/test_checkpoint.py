@@ -123,7 +123,7 @@ def test_missing_tensor_is_named_with_the_shard_the_index_expects(ckpt: Path) ->
 
 
 def test_missing_tensor_in_a_single_file_checkpoint(tmp_path: Path) -> None:
-    synthesize("smoke", tmp_path, max_shard_bytes=1 << 40, tokenizer=False, train=False)
+    synthesize("smoke", tmp_path, max_shard_bytes=1 << 40, tokenizer=False)
     assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == ["model.safetensors"]
     assert problems(tmp_path) == []
     edit_shard(tmp_path / "model.safetensors", lambda tensors: tensors.pop("lm_head.weight"))

@@ -521,7 +521,7 @@ def smoke_api(tmp_path_factory) -> Iterator[Api]:
     from click.testing import CliRunner
 
     from build_scripts.cli import build_command
-    from engine.checkpoint.smoke_model import ensure_trained
+    from engine.checkpoint.smoke.cache import ensure_trained
 
     root = tmp_path_factory.mktemp("smoke-e2e")
     built = CliRunner().invoke(build_command, ["--gpu", "cpu", "--model", str(ensure_trained()),

@@ -15,15 +15,15 @@ def _digest(directory):
 
 
 def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
-    a = synthesize("smoke", tmp_path / "a", seed=7, tokenizer=False, train=False)
-    b = synthesize("smoke", tmp_path / "b", seed=7, tokenizer=False, train=False)
-    c = synthesize("smoke", tmp_path / "c", seed=8, tokenizer=False, train=False)
+    a = synthesize("smoke", tmp_path / "a", seed=7, tokenizer=False)
+    b = synthesize("smoke", tmp_path / "b", seed=7, tokenizer=False)
+    c = synthesize("smoke", tmp_path / "c", seed=8, tokenizer=False)
     assert _digest(a.out) == _digest(b.out)
     assert _digest(a.out) != _digest(c.out)
 
 
 def test_layout_matches_the_published_one(tmp_path):
-    result = synthesize("smoke", tmp_path / "ckpt", tokenizer=False, train=False)
+    result = synthesize("smoke", tmp_path / "ckpt", tokenizer=False)
     out = result.out
     assert result.shards == ["model-00000-of-00002.safetensors", "model-00001-of-00002.safetensors",
                              "model-00002-of-00002.safetensors"]

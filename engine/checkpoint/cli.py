@@ -25,10 +25,13 @@ def synth_command(preset: str, out: Path, seed: int, layers: int | None, shard_b
     model)."""
     from engine.checkpoint.synth import synthesize
 
-    result = synthesize(preset, out, seed=seed, layers=layers, max_shard_bytes=shard_bytes, train=train)
-    trained = ""
+    weights, trained = None, ""
     if train and preset == "smoke":
+        from engine.checkpoint.smoke.cache import trained_weights
+
+        weights = trained_weights(seed=seed, layers=layers)
         trained = " trained on the smoke policy (a fixture and demo, not a classifier)"
+    result = synthesize(preset, out, seed=seed, layers=layers, max_shard_bytes=shard_bytes, weights=weights)
     click.echo(f"wrote {result.config.variant} ({preset}, seed {seed}){trained} to {result.out}: "
                f"{len(result.shards)} shard(s), {result.total_bytes:,} bytes of tensors")
 

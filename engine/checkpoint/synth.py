@@ -104,18 +104,13 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def synthesize(preset: str, out: str | Path, *, seed: int = 0, layers: int | None = None,
-               max_shard_bytes: int | None = None, tokenizer: bool = True, train: bool = True,
+               max_shard_bytes: int | None = None, tokenizer: bool = True,
                weights: Mapping[str, np.ndarray] | None = None) -> SynthResult:
     """Write a synthetic checkpoint of `preset` into `out` (created if needed).
 
-    For "smoke", `train` writes the trained smoke model (engine.checkpoint.smoke_model: a fixture and demo, not a
-    classifier;
-    trained once per seed, then cached) instead of random weights. `weights` supplies every tensor's contents.
+    `weights` supplies every tensor's contents instead of random ones: that is how the trained smoke model
+    (`engine.checkpoint.smoke`) is written, so its callers pass it in and this module never imports it.
     """
-    if weights is None and train and preset == "smoke":
-        from engine.checkpoint.smoke_model import trained_weights
-
-        weights = trained_weights(seed=seed, layers=layers)
     raw = preset_dict(preset, layers=layers)
     cfg = parse_config(raw, source=f"preset {preset}")
     out = Path(out)
