@@ -4,15 +4,8 @@ One row per (request, policy) decision: when, which policy version (id, label, s
 the verdict (violation, category, rule ids, confidence, parse status), the rationale when configured, the sha256 of
 the classified content (the content itself only when configured), token usage and latency.
 
-Chain: each record stores `prev_hash` (the previous record's `record_hash`; 64 zeros for the first) and
-`record_hash` = sha256 over the UTF-8 bytes of the canonical JSON of every other column of the row, `seq` and
-`prev_hash` included: `json.dumps(row, sort_keys=True, separators=(",", ":"), ensure_ascii=False)`, with the values
-exactly as SQLite returns them (`violation` 0/1/null, `rule_ids` the stored JSON text, `latency_ms` a float). An
-auditor can recompute it with any sqlite client and a JSON library. `verify` walks the rows in `seq` order and
-names the first one whose seq skips (a deleted record), whose `prev_hash` is not its predecessor's hash (a record
-inserted, reordered or re-hashed before it) or whose fields no longer hash to its `record_hash` (a changed field).
-An unkeyed chain cannot catch an edit that rewrites every later hash too, nor a cut of the newest records: for that,
-copy the head hash that `verify` prints somewhere the appliance cannot write (a ticket, a second host) now and then.
+Each record is chained to the one before it by hash: `server/audit_file.py` defines the hash and the file,
+`server/audit_reader.py` reads the log back and verifies the chain; this module writes.
 
 Durability: WAL with `synchronous=FULL`: a decision whose append has returned is on disk and survives a power
 cut, which is what a compliance record needs (NORMAL would lose the last acknowledged decisions on power loss).
@@ -26,81 +19,44 @@ its chain. Records are validated when submitted, so one bad record cannot fail t
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import math
 import queue
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from classification.errors import ApplianceError
+from server.audit_file import (
+    APPLICATION_ID,
+    COLUMNS,
+    DEFAULT_BUSY_TIMEOUT_S,
+    GENESIS_HASH,
+    SCHEMA_VERSION,
+    AuditError,
+    connect,
+    migrate,
+    record_hash,
+)
+from server.audit_reader import AuditEntry, AuditReader, VerifyResult
 from server.sqlite_wal import enable_wal
 
-AUDIT_DB_NAME = "audit.sqlite3"
-GENESIS_HASH = "0" * 64
-# Marks the file as an audit log (`PRAGMA application_id`), so neither side mistakes it for another SQLite file.
-APPLICATION_ID = int.from_bytes(b"SGAL", "big")
-DEFAULT_BUSY_TIMEOUT_S = 30.0
 # Most records one transaction commits; bounds the time a single group holds the write lock.
 MAX_GROUP = 512
 # Records queued but not yet committed; past this `submit` refuses rather than let memory grow without bound
 # while the disk stalls (the caller can fail the request: a decision must not go unaudited).
 DEFAULT_MAX_PENDING = 10_000
 
-# One tuple of statements per schema version, as in server/registry.py.
-_SCHEMA_V1 = (
-    # STRICT: a value keeps the exact type it was hashed with, so a stored record always re-hashes the same.
-    """CREATE TABLE records (
-        seq INTEGER PRIMARY KEY CHECK (seq > 0),
-        ts TEXT NOT NULL,
-        request_id TEXT NOT NULL,
-        policy_id TEXT NOT NULL,
-        policy_version TEXT NOT NULL,
-        policy_sha256 TEXT NOT NULL,
-        model_fingerprint TEXT NOT NULL,
-        violation INTEGER CHECK (violation IN (0, 1)),
-        category TEXT,
-        rule_ids TEXT NOT NULL,
-        confidence TEXT,
-        parse_status TEXT NOT NULL,
-        rationale TEXT,
-        content_sha256 TEXT NOT NULL CHECK (length(content_sha256) = 64),
-        content TEXT,
-        prompt_tokens INTEGER NOT NULL CHECK (prompt_tokens >= 0),
-        cached_tokens INTEGER NOT NULL CHECK (cached_tokens >= 0),
-        reasoning_tokens INTEGER NOT NULL CHECK (reasoning_tokens >= 0),
-        output_tokens INTEGER NOT NULL CHECK (output_tokens >= 0),
-        latency_ms REAL NOT NULL CHECK (latency_ms >= 0),
-        prev_hash TEXT NOT NULL CHECK (length(prev_hash) = 64),
-        record_hash TEXT NOT NULL CHECK (length(record_hash) = 64)
-    ) STRICT""",
-    # A multi-policy request fans out to one record per policy, all under one request id.
-    "CREATE INDEX records_by_request ON records(request_id)",
-)
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_SCHEMA_V1,)
-SCHEMA_VERSION = len(MIGRATIONS)
-
-COLUMNS = ("seq", "ts", "request_id", "policy_id", "policy_version", "policy_sha256", "model_fingerprint",
-           "violation", "category", "rule_ids", "confidence", "parse_status", "rationale", "content_sha256",
-           "content", "prompt_tokens", "cached_tokens", "reasoning_tokens", "output_tokens", "latency_ms",
-           "prev_hash", "record_hash")
-_SELECT = f"SELECT {', '.join(COLUMNS)} FROM records"
 _INSERT = f"INSERT INTO records ({', '.join(COLUMNS)}) VALUES ({', '.join(':' + c for c in COLUMNS)})"
 _TEXT_FIELDS = ("ts", "request_id", "policy_id", "policy_version", "policy_sha256", "model_fingerprint",
                 "parse_status")
 _OPTIONAL_TEXT_FIELDS = ("category", "confidence", "rationale")
 _TOKEN_FIELDS = ("prompt_tokens", "cached_tokens", "reasoning_tokens", "output_tokens")
-
-
-class AuditError(ApplianceError):
-    """The audit log cannot be opened, read or written, or a record cannot be stored as given."""
 
 
 def utc_now() -> str:
@@ -130,51 +86,6 @@ class AuditRecord:
     output_tokens: int = 0
     latency_ms: float = 0.0
     ts: str = field(default_factory=utc_now)  # when the decision was made, not when the writer got to it
-
-
-@dataclass(frozen=True)
-class AuditEntry:
-    """One stored record, as read back."""
-
-    seq: int
-    ts: str
-    request_id: str
-    policy_id: str
-    policy_version: str
-    policy_sha256: str
-    model_fingerprint: str
-    violation: bool | None
-    category: str | None
-    rule_ids: tuple[str, ...]
-    confidence: str | None
-    parse_status: str
-    rationale: str | None
-    content_sha256: str
-    content: str | None
-    prompt_tokens: int
-    cached_tokens: int
-    reasoning_tokens: int
-    output_tokens: int
-    latency_ms: float
-    prev_hash: str
-    record_hash: str
-
-
-@dataclass(frozen=True)
-class VerifyResult:
-    ok: bool
-    records_checked: int  # records that verified, in seq order, before the first broken one (all of them if ok)
-    first_broken_seq: int | None = None
-    first_broken_request_id: str | None = None
-    reason: str = ""
-    head_hash: str = GENESIS_HASH  # record_hash of the last verified record; keep a copy to detect later cuts
-
-
-def record_hash(row: dict[str, Any]) -> str:
-    """sha256 of the canonical JSON of a row's columns other than record_hash (see the module docstring)."""
-    hashed = {name: value for name, value in row.items() if name != "record_hash"}
-    canonical = json.dumps(hashed, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
 def _problems(record: AuditRecord) -> list[str]:
@@ -223,103 +134,6 @@ def _row(record: AuditRecord, *, store_rationale: bool, store_content: bool) -> 
         "reasoning_tokens": record.reasoning_tokens, "output_tokens": record.output_tokens,
         "latency_ms": float(record.latency_ms),
     }
-
-
-def _entry(row: sqlite3.Row) -> AuditEntry:
-    values = dict(zip(COLUMNS, row, strict=True))
-    violation = values["violation"]
-    values["violation"] = None if violation is None else bool(violation)
-    values["rule_ids"] = tuple(json.loads(values["rule_ids"]))
-    return AuditEntry(**values)
-
-
-def _break_reason(row: dict[str, Any], prev_seq: int, prev_hash: str) -> str | None:
-    """Why this row does not continue the chain from (prev_seq, prev_hash); None when it does."""
-    seq = row["seq"]
-    if seq != prev_seq + 1:
-        missing = f"record {prev_seq + 1}" if seq == prev_seq + 2 else f"records {prev_seq + 1} to {seq - 1}"
-        return f"{missing} missing (seq jumps from {prev_seq} to {seq}): deleted"
-    if row["prev_hash"] != prev_hash:
-        before = "the genesis hash" if prev_seq == 0 else f"record {prev_seq}'s hash"
-        return (f"chain link broken: prev_hash does not match {before} (a record before it was changed, "
-                "inserted or reordered)")
-    if record_hash(row) != row["record_hash"]:
-        return "fields do not match the record hash: a field was changed"
-    return None
-
-
-def _connect(path: Path, *, read_only: bool, busy_timeout_s: float) -> sqlite3.Connection:
-    # isolation_level=None: we BEGIN and COMMIT ourselves, as in server/registry.py.
-    target, uri = (f"{path.resolve().as_uri()}?mode=ro", True) if read_only else (str(path), False)
-    conn = sqlite3.connect(target, uri=uri, timeout=busy_timeout_s, isolation_level=None)
-    try:
-        if not read_only:
-            conn.execute("PRAGMA synchronous = FULL")
-    except BaseException:
-        conn.close()
-        raise
-    return conn
-
-
-class AuditReader:
-    """Read-only access to an audit log file; creates and changes nothing, so it is safe on evidence."""
-
-    def __init__(self, path: str | Path, *, busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S):
-        self.path = Path(path)
-        self.busy_timeout_s = busy_timeout_s
-
-    @contextlib.contextmanager
-    def _snapshot(self) -> Iterator[sqlite3.Connection]:
-        """A read transaction: every query in it sees one state of the file, even while a writer appends."""
-        if not self.path.is_file():
-            raise AuditError(f"no audit log at {self.path}")
-        try:
-            conn = _connect(self.path, read_only=True, busy_timeout_s=self.busy_timeout_s)
-            try:
-                conn.execute("BEGIN")
-                if conn.execute("PRAGMA application_id").fetchone()[0] != APPLICATION_ID:
-                    raise AuditError(f"{self.path} is not an audit log (some other SQLite file)")
-                found = conn.execute("PRAGMA user_version").fetchone()[0]
-                if found != SCHEMA_VERSION:
-                    raise AuditError(f"audit log {self.path} has schema version {found}; this appliance reads "
-                                     f"version {SCHEMA_VERSION}")
-                yield conn
-                conn.execute("COMMIT")
-            finally:
-                conn.close()
-        except sqlite3.Error as exc:
-            raise AuditError(f"audit log {self.path}: {exc}") from exc
-
-    def verify(self) -> VerifyResult:
-        """Walk the chain from the first record; stop at the first broken one (see the module docstring)."""
-        prev_seq, prev_hash, checked = 0, GENESIS_HASH, 0
-        with self._snapshot() as conn:
-            for raw in conn.execute(f"{_SELECT} ORDER BY seq"):  # streamed: a long log is never all in memory
-                row = dict(zip(COLUMNS, raw, strict=True))
-                reason = _break_reason(row, prev_seq, prev_hash)
-                if reason is not None:
-                    return VerifyResult(False, checked, row["seq"], row["request_id"], reason, prev_hash)
-                prev_seq, prev_hash, checked = row["seq"], row["record_hash"], checked + 1
-        return VerifyResult(True, checked, head_hash=prev_hash)
-
-    def tail(self, n: int = 20) -> list[AuditEntry]:
-        """The newest `n` records, oldest first."""
-        with self._snapshot() as conn:
-            rows = conn.execute(f"{_SELECT} ORDER BY seq DESC LIMIT ?", (max(n, 0),)).fetchall()
-        return [_entry(row) for row in reversed(rows)]
-
-    def get(self, seq: int) -> AuditEntry:
-        with self._snapshot() as conn:
-            row = conn.execute(f"{_SELECT} WHERE seq = ?", (seq,)).fetchone()
-        if row is None:
-            raise AuditError(f"audit log {self.path} has no record {seq}")
-        return _entry(row)
-
-    def by_request(self, request_id: str) -> list[AuditEntry]:
-        """Every record of one request (one per policy it was classified against), in seq order."""
-        with self._snapshot() as conn:
-            rows = conn.execute(f"{_SELECT} WHERE request_id = ? ORDER BY seq", (request_id,)).fetchall()
-        return [_entry(row) for row in rows]
 
 
 @dataclass(frozen=True)
@@ -433,7 +247,7 @@ class AuditLog:
         # Once running a future cannot be cancelled; one already cancelled still gets its record written.
         live = [p.future.set_running_or_notify_cancel() for p in group]
         try:
-            conn = conn or _connect(self.path, read_only=False, busy_timeout_s=self.busy_timeout_s)
+            conn = conn or connect(self.path, read_only=False, busy_timeout_s=self.busy_timeout_s)
             seqs = _insert(conn, [p.row for p in group])
         except Exception as exc:  # the writer must outlive any one failure; its callers get the error instead
             error = AuditError(f"audit log {self.path}: {exc}")
@@ -457,14 +271,14 @@ class AuditLog:
         except OSError as exc:
             raise AuditError(f"cannot create directory {self.path.parent}: {exc.strerror or exc}") from None
         try:
-            conn = _connect(self.path, read_only=False, busy_timeout_s=self.busy_timeout_s)
+            conn = connect(self.path, read_only=False, busy_timeout_s=self.busy_timeout_s)
             try:
                 if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
                     self._enable_wal(conn)
                 current = (conn.execute("PRAGMA application_id").fetchone()[0],
                            conn.execute("PRAGMA user_version").fetchone()[0])
                 if current != (APPLICATION_ID, SCHEMA_VERSION):  # only then wait for the write lock
-                    _migrate(conn, self.path)
+                    migrate(conn, self.path)
             finally:
                 conn.close()
         except sqlite3.Error as exc:
@@ -475,29 +289,6 @@ class AuditLog:
         if mode != "wal":
             raise AuditError(f"audit log {self.path}: cannot use write-ahead logging (journal mode stays {mode!r}); "
                              "put it on a local filesystem")
-
-
-def _migrate(conn: sqlite3.Connection, path: Path) -> None:
-    conn.execute("BEGIN IMMEDIATE")  # re-read under the write lock: another process may have migrated meanwhile
-    try:
-        found = conn.execute("PRAGMA user_version").fetchone()[0]
-        if conn.execute("PRAGMA application_id").fetchone()[0] != APPLICATION_ID:
-            if found or conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()[0]:
-                raise AuditError(f"{path} is some other SQLite file, not an audit log; refusing to write into it")
-            conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-        if found > SCHEMA_VERSION:
-            raise AuditError(f"audit log {path} has schema version {found}, newer than this appliance understands "
-                             f"({SCHEMA_VERSION}); upgrade the appliance")
-        for migration in MIGRATIONS[found:]:
-            for statement in migration:
-                conn.execute(statement)
-        if found < SCHEMA_VERSION:
-            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
 
 
 def _insert(conn: sqlite3.Connection, rows: Sequence[dict[str, Any]]) -> list[int]:

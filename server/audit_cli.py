@@ -15,7 +15,8 @@ from typing import Any
 
 import click
 
-from server.audit import AUDIT_DB_NAME, AuditEntry, AuditError, AuditReader
+from server.audit_file import AUDIT_DB_NAME, AuditError
+from server.audit_reader import AuditEntry, AuditReader
 from server.policy_cli import DEFAULT_STATE_DIR
 
 DEFAULT_AUDIT_PATH = f"{DEFAULT_STATE_DIR}/{AUDIT_DB_NAME}"

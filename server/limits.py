@@ -1,8 +1,4 @@
-"""What a request may ask for, and the errors that refuse it.
-
-`ServiceError` is the one way the serving core says no: it carries a gRPC status code *name* (the core does not
-import grpc; the servicer's interceptor maps the name to a status), a message written for a person, and optionally
-a retry hint that the servicer sends as `retry-after-ms` trailing metadata.
+"""What a request may ask for: content, policy and batch sizes (`Limits`), and how many run at once (`Admission`).
 
 `Admission` bounds the prompts in flight. It never queues: past the limit a request is refused at once with
 RESOURCE_EXHAUSTED, so a client backs off instead of piling up deadlines behind a saturated model, and nothing that
@@ -16,50 +12,13 @@ from dataclasses import dataclass
 
 from prometheus_client import Gauge
 
+from server.errors import InvalidArgument, ResourceExhausted
+
 # The hint is an exponential moving average of request durations; this weight keeps it steady through a burst.
 _EWMA_WEIGHT = 0.1
 _INITIAL_DURATION_MS = 100.0
 MIN_RETRY_MS = 25
 MAX_RETRY_MS = 10_000
-
-
-class ServiceError(Exception):
-    """A request the service refuses or cannot finish; `code` is a gRPC status code name."""
-
-    code = "INTERNAL"
-
-    def __init__(self, message: str, *, retry_after_ms: int | None = None):
-        super().__init__(message)
-        self.message = message
-        self.retry_after_ms = retry_after_ms
-
-
-class InvalidArgument(ServiceError):
-    code = "INVALID_ARGUMENT"
-
-
-class NotFound(ServiceError):
-    code = "NOT_FOUND"
-
-
-class FailedPrecondition(ServiceError):
-    code = "FAILED_PRECONDITION"
-
-
-class ResourceExhausted(ServiceError):
-    code = "RESOURCE_EXHAUSTED"
-
-
-class Unavailable(ServiceError):
-    code = "UNAVAILABLE"
-
-
-class DeadlineExceeded(ServiceError):
-    code = "DEADLINE_EXCEEDED"
-
-
-class Internal(ServiceError):
-    code = "INTERNAL"
 
 
 @dataclass(frozen=True)

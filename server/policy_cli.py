@@ -13,7 +13,8 @@ import click
 
 from classification.errors import VocabularyError
 from classification.policy import Policy, PolicyRef, length_warning, load_policy
-from server.registry import ActivationResult, ImportOutcome, Registry, RegistryError, StoredPolicy, VersionInfo
+from server.registry import ActivationResult, ImportOutcome, Registry, StoredPolicy, VersionInfo
+from server.registry_errors import RegistryError
 
 DEFAULT_STATE_DIR = "~/.local/state/safeguard-appliance"
 

@@ -6,20 +6,16 @@ adding the same words twice is a no-op and a version label can never quietly cha
 append-only log: the active version of a policy is the one its latest activation names, and `rollback` undoes
 activations one at a time, like an undo stack.
 
-Durability: write-ahead log with `synchronous=FULL`, so a call that returned has reached the disk and survives a
-crash or SIGKILL; each mutation is one `BEGIN IMMEDIATE` transaction, so a crash leaves it whole or absent. Every
-call opens its own connection (sqlite3 connections may not cross threads), so one `Registry` serves any number of
-threads, and the busy timeout lets several processes share the file.
+The file itself (schema, WAL, transactions) is `server/registry_file.py`; what the registry refuses, by kind, is
+`server/registry_errors.py`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import getpass
 import re
 import sqlite3
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,54 +23,25 @@ from typing import Literal
 
 from classification.errors import ApplianceError
 from classification.policy import Policy, PolicyError, normalise, parse_policy
-from server.sqlite_wal import enable_wal
+from server.registry_errors import (
+    NoActiveVersion,
+    NothingToRollBack,
+    PolicyNotFound,
+    PolicyRejected,
+    RegistryDamaged,
+    RegistryError,
+    VersionConflict,
+    VersionNotFound,
+)
+from server.registry_file import DEFAULT_BUSY_TIMEOUT_S, RegistryFile
 
 DB_NAME = "policies.sqlite3"
 MIN_SHA_PREFIX = 8
-DEFAULT_BUSY_TIMEOUT_S = 30.0
 # How many versions an error message names before it summarises the rest.
 _LISTED_IN_ERRORS = 10
 _HEX = re.compile(r"^[0-9a-f]+$")
 
-# One tuple of statements per schema version; MIGRATIONS[n] takes a database from user_version n to n + 1. The
-# statements run one by one inside the migration's transaction (executescript would commit before running them).
-_SCHEMA_V1 = (
-    """CREATE TABLE policies (
-        id TEXT PRIMARY KEY,
-        created_at TEXT NOT NULL
-    )""",
-    """CREATE TABLE versions (
-        policy_id TEXT NOT NULL REFERENCES policies(id),
-        seq INTEGER NOT NULL CHECK (seq > 0),
-        version TEXT NOT NULL,
-        sha256 TEXT NOT NULL UNIQUE CHECK (length(sha256) = 64),
-        title TEXT NOT NULL,
-        text TEXT NOT NULL,
-        created_at TEXT NOT NULL,
-        PRIMARY KEY (policy_id, seq),
-        UNIQUE (policy_id, version)
-    )""",
-    # undo_to: the activation whose state a rollback of this one restores (NULL: nothing to roll back to).
-    """CREATE TABLE activations (
-        id INTEGER PRIMARY KEY,
-        policy_id TEXT NOT NULL REFERENCES policies(id),
-        version_seq INTEGER NOT NULL,
-        action TEXT NOT NULL CHECK (action IN ('activate', 'rollback')),
-        actor TEXT NOT NULL,
-        at TEXT NOT NULL,
-        undo_to INTEGER REFERENCES activations(id),
-        FOREIGN KEY (policy_id, version_seq) REFERENCES versions(policy_id, seq)
-    )""",
-    "CREATE INDEX activations_by_policy ON activations(policy_id, id)",
-)
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_SCHEMA_V1,)
-SCHEMA_VERSION = len(MIGRATIONS)
-
 _VERSION_COLUMNS = "policy_id, seq, version, sha256, title, created_at"
-
-
-class RegistryError(ApplianceError):
-    """A registry request that cannot be carried out (unknown policy or version, label clash, damaged file)."""
 
 
 @dataclass(frozen=True)
@@ -86,11 +53,15 @@ class VersionInfo:
     version: str  # the label from the front matter
     sha256: str
     title: str
-    created_at: str
+    created_at: str  # ISO 8601 UTC with milliseconds, as `_now` writes it
 
     @property
     def short_sha(self) -> str:
         return self.sha256[:12]
+
+    @property
+    def created_unix_ms(self) -> int:
+        return int(datetime.fromisoformat(self.created_at.replace("Z", "+00:00")).timestamp() * 1000)
 
 
 @dataclass(frozen=True)
@@ -192,8 +163,8 @@ def _require_policy(conn: sqlite3.Connection, policy_id: str) -> None:
         return
     known = _known_policies(conn)
     if not known:
-        raise RegistryError(f"unknown policy {policy_id!r}: no policies are registered yet")
-    raise RegistryError(f"unknown policy {policy_id!r}; known policies: {', '.join(known)}")
+        raise PolicyNotFound(f"unknown policy {policy_id!r}: no policies are registered yet")
+    raise PolicyNotFound(f"unknown policy {policy_id!r}; known policies: {', '.join(known)}")
 
 
 def _describe(versions: list[VersionInfo]) -> str:
@@ -215,10 +186,11 @@ def _resolve(conn: sqlite3.Connection, policy_id: str, ref: str) -> VersionInfo:
         if len(rows) == 1:
             return _info(rows[0])
         if rows:
-            raise RegistryError(f"sha prefix {ref} is ambiguous for policy {policy_id}: it matches "
-                                f"{_describe([_info(r) for r in rows])}; give more characters")
-    raise RegistryError(f"policy {policy_id} has no version {ref!r}; versions: {_describe(_versions(conn, policy_id))} "
-                        f"(name one by label, full sha256 or a sha prefix of at least {MIN_SHA_PREFIX} characters)")
+            raise VersionNotFound(f"sha prefix {ref} is ambiguous for policy {policy_id}: it matches "
+                                  f"{_describe([_info(r) for r in rows])}; give more characters")
+    raise VersionNotFound(f"policy {policy_id} has no version {ref!r}; versions: "
+                          f"{_describe(_versions(conn, policy_id))} (name one by label, full sha256 or a sha prefix "
+                          f"of at least {MIN_SHA_PREFIX} characters)")
 
 
 def _latest_event(conn: sqlite3.Connection, policy_id: str) -> _Event | None:
@@ -235,8 +207,8 @@ def _event(conn: sqlite3.Connection, event_id: int) -> _Event:
 def _by_seq(conn: sqlite3.Connection, policy_id: str, seq: int) -> VersionInfo:
     found = _version_where(conn, "policy_id = ? AND seq = ?", (policy_id, seq))
     if found is None:  # the foreign key makes this unreachable unless the file was edited by hand
-        raise RegistryError(f"policy {policy_id}: activation names missing version #{seq}; "
-                            "the file was changed outside the appliance (`appliance policy check` lists the damage)")
+        raise RegistryDamaged(f"policy {policy_id}: activation names missing version #{seq}; "
+                              "the file was changed outside the appliance (`appliance policy check` lists the damage)")
     return found
 
 
@@ -269,9 +241,9 @@ def _summary(conn: sqlite3.Connection, policy_id: str) -> PolicySummary:
 def _insert_version(conn: sqlite3.Connection, policy: Policy) -> VersionInfo:
     clash = _version_where(conn, "policy_id = ? AND version = ?", (policy.id, policy.version))
     if clash is not None:
-        raise RegistryError(f"policy {policy.id} version {policy.version} already exists with different content "
-                            f"(stored sha {clash.short_sha}, this text sha {policy.sha256[:12]}); "
-                            "bump the version label")
+        raise VersionConflict(f"policy {policy.id} version {policy.version} already exists with different "
+                              f"content (stored sha {clash.short_sha}, this text sha {policy.sha256[:12]}); "
+                              "bump the version label")
     now = _now()
     conn.execute("INSERT OR IGNORE INTO policies (id, created_at) VALUES (?, ?)", (policy.id, now))
     # Safe under concurrency: BEGIN IMMEDIATE holds the write lock from before this read until commit.
@@ -304,8 +276,8 @@ def _check_consistent(policy: Policy) -> None:
     except PolicyError:
         consistent = False
     if not consistent:
-        raise RegistryError(f"policy {policy.id}: its fields do not match its text; build it with "
-                            "classification.policy.parse_policy or load_policy")
+        raise PolicyRejected(f"policy {policy.id}: its fields do not match its text; build it with "
+                             "classification.policy.parse_policy or load_policy")
 
 
 class Registry:
@@ -314,114 +286,34 @@ class Registry:
     def __init__(self, state_dir: str | Path, *, busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S):
         self.state_dir = Path(state_dir)
         self.path = self.state_dir / DB_NAME
-        self.busy_timeout_s = busy_timeout_s
-        try:
-            self.state_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise RegistryError(f"cannot create state directory {self.state_dir}: {exc.strerror or exc}") from None
-        self._prepare()
-
-    # -- connections and transactions --------------------------------------------------------------------------
-
-    def _connect(self) -> sqlite3.Connection:
-        # isolation_level=None: the module must not open transactions behind our back; we BEGIN ourselves.
-        conn = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None)
-        try:
-            conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA foreign_keys = ON")
-            conn.execute("PRAGMA synchronous = FULL")
-        except BaseException:
-            conn.close()
-            raise
-        return conn
-
-    @contextlib.contextmanager
-    def _transaction(self, mode: Literal["DEFERRED", "IMMEDIATE"]) -> Iterator[sqlite3.Connection]:
-        """One transaction on a fresh connection; sqlite errors become RegistryError naming the file."""
-        try:
-            conn = self._connect()
-            try:
-                conn.execute(f"BEGIN {mode}")
-                try:
-                    yield conn
-                except BaseException:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    raise
-                conn.execute("COMMIT")
-            finally:
-                conn.close()
-        except sqlite3.Error as exc:
-            raise RegistryError(f"policy registry {self.path}: {exc}") from exc
-
-    def _read(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
-        # A read transaction gives every query in it the same snapshot, even while another process writes.
-        return self._transaction("DEFERRED")
-
-    def _write(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
-        # IMMEDIATE takes the write lock up front (waiting out the busy timeout); a deferred transaction that
-        # upgrades from read to write in WAL mode fails at once with SQLITE_BUSY instead of waiting.
-        return self._transaction("IMMEDIATE")
-
-    def _prepare(self) -> None:
-        """Switch to WAL (a persistent setting of the file) and bring the schema to SCHEMA_VERSION."""
-        try:
-            conn = self._connect()
-            try:
-                if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-                    self._enable_wal(conn)
-                found = conn.execute("PRAGMA user_version").fetchone()[0]
-            finally:
-                conn.close()
-        except sqlite3.Error as exc:
-            raise RegistryError(f"policy registry {self.path}: {exc}") from exc
-        if found != SCHEMA_VERSION:
-            self._migrate()
-
-    def _enable_wal(self, conn: sqlite3.Connection) -> None:
-        mode = enable_wal(conn, self.busy_timeout_s)
-        if mode != "wal":
-            raise RegistryError(f"policy registry {self.path}: cannot use write-ahead logging (journal mode stays "
-                                f"{mode!r}); put the state directory on a local filesystem")
-
-    def _migrate(self) -> None:
-        with self._write() as conn:
-            # Re-read under the write lock: another process may have migrated since we looked.
-            found = conn.execute("PRAGMA user_version").fetchone()[0]
-            if found > SCHEMA_VERSION:
-                raise RegistryError(f"policy registry {self.path} has schema version {found}, newer than this "
-                                    f"appliance understands ({SCHEMA_VERSION}); upgrade the appliance")
-            for migration in MIGRATIONS[found:]:
-                for statement in migration:
-                    conn.execute(statement)
-            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        self._file = RegistryFile(self.path, busy_timeout_s)
 
     # -- changes ------------------------------------------------------------------------------------------------
 
     def add(self, policy: Policy, *, activate: bool = False, actor: str | None = None) -> AddResult:
         """Store a version (idempotent on its sha256); with `activate`, also make it the active one."""
         _check_consistent(policy)
-        with self._write() as conn:
+        with self._file.write() as conn:
             info, created = _store(conn, policy)
             activated = activate and _activate(conn, info, actor).changed
         return AddResult(info, created, activated)
 
     def activate(self, policy_id: str, ref: str, *, actor: str | None = None) -> ActivationResult:
         """Make a version (label, sha256 or sha prefix) the active one; a no-op if it already is."""
-        with self._write() as conn:
+        with self._file.write() as conn:
             return _activate(conn, _resolve(conn, policy_id, ref), actor)
 
     def rollback(self, policy_id: str, *, actor: str | None = None) -> ActivationResult:
         """Undo the latest activation (or rollback) still in effect, restoring the version active before it."""
-        with self._write() as conn:
+        with self._file.write() as conn:
             _require_policy(conn, policy_id)
             current = _latest_event(conn, policy_id)
             if current is None:
-                raise RegistryError(f"policy {policy_id} has never been activated; nothing to roll back")
+                raise NothingToRollBack(f"policy {policy_id} has never been activated; nothing to roll back")
             previous = _by_seq(conn, policy_id, current.version_seq)
             if current.undo_to is None:
-                raise RegistryError(f"policy {policy_id}: nothing to roll back to; version {previous.version} "
-                                    f"(sha {previous.short_sha}) is active and no earlier activation remains")
+                raise NothingToRollBack(f"policy {policy_id}: nothing to roll back to; version {previous.version} "
+                                        f"(sha {previous.short_sha}) is active and no earlier activation remains")
             restored = _event(conn, current.undo_to)
             target = _by_seq(conn, policy_id, restored.version_seq)
             # The new event inherits the restored one's undo pointer, so the next rollback steps further back.
@@ -445,7 +337,7 @@ class Registry:
             return ImportOutcome(path, "skipped", message="no '+++' front matter; not a policy")
         try:
             policy = parse_policy(text, source=path.name)
-            with self._write() as conn:
+            with self._file.write() as conn:
                 info, created = _store(conn, policy)
                 activated = _latest_event(conn, policy.id) is None and _activate(conn, info, actor).changed
         except ApplianceError as exc:
@@ -456,7 +348,7 @@ class Registry:
 
     def get(self, policy_id: str, ref: str | None = None) -> StoredPolicy:
         """The active version of a policy, or the version `ref` names, parsed back from its stored text."""
-        with self._read() as conn:
+        with self._file.read() as conn:
             _require_policy(conn, policy_id)
             active = _active(conn, policy_id)
             if ref is not None:
@@ -464,15 +356,15 @@ class Registry:
             elif active is not None:
                 info = active
             else:
-                raise RegistryError(f"policy {policy_id} has no active version; activate one of: "
-                                    f"{_describe(_versions(conn, policy_id))}")
+                raise NoActiveVersion(f"policy {policy_id} has no active version; activate one of: "
+                                      f"{_describe(_versions(conn, policy_id))}")
             text = conn.execute("SELECT text FROM versions WHERE sha256 = ?", (info.sha256,)).fetchone()[0]
         return StoredPolicy(info, parse_policy(text, source=f"{policy_id}@{info.version}"),
                             active=active is not None and active.seq == info.seq)
 
     def history(self, policy_id: str) -> PolicyHistory:
         """All versions of a policy and every activation and rollback, oldest first."""
-        with self._read() as conn:
+        with self._file.read() as conn:
             _require_policy(conn, policy_id)
             rows = conn.execute("SELECT a.id, a.action, v.version, v.sha256, a.actor, a.at FROM activations a"
                                 " JOIN versions v ON v.policy_id = a.policy_id AND v.seq = a.version_seq"
@@ -493,7 +385,7 @@ class Registry:
     def check(self) -> list[str]:
         """Problems found in the file (SQLite's integrity and foreign-key checks, stored text against its sha256);
         an empty list means the registry is sound."""
-        with self._read() as conn:
+        with self._file.read() as conn:
             problems = [row[0] for row in conn.execute("PRAGMA integrity_check") if row[0] != "ok"]
             problems += [f"foreign key violation in {row[0]} row {row[1]} (refers to {row[2]})"
                          for row in conn.execute("PRAGMA foreign_key_check")]
@@ -503,5 +395,5 @@ class Registry:
     # Last in the class on purpose: below this name, `list` in annotations would mean the method, not the builtin.
     def list(self) -> list[PolicySummary]:
         """Every policy, by id, with its active version (None when none was ever activated)."""
-        with self._read() as conn:
+        with self._file.read() as conn:
             return [_summary(conn, policy_id) for policy_id in _known_policies(conn)]

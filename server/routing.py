@@ -1,6 +1,6 @@
 """Routing over Triton endpoints: prefix affinity by rendezvous hashing, bounded load, health and failover.
 
-Pure bookkeeping, no I/O: the servicer asks where to send a request, and reports back how the call went.
+Pure bookkeeping, no I/O: the classifier asks where to send a request, and reports back how the call went.
 
 Affinity. Requests that share a policy prefix (the same prefix key, DESIGN.md §4.1) should land on the endpoint
 that already holds that prefix in its KV cache. Every endpoint gets a score per key, blake2b(name, key); the

@@ -1,10 +1,10 @@
 """The gRPC face of the appliance: `safeguard.v1.Safeguard` on grpc.aio, with health, reflection and status mapping.
 
-A request is read top-down from here: the servicer turns protos into the core's types (`server.classifier`), the
-classifier resolves the policy, renders, routes and streams from Triton, and the servicer turns the result back
-into protos. Errors travel as `limits.ServiceError`; `StatusInterceptor` maps them to gRPC status codes (with a
-`retry-after-ms` trailer when there is a hint), and turns anything unexpected into INTERNAL naming the request id,
-so a client never sees a traceback and the log has it.
+A request is read top-down from here: the servicer turns protos into the core's types (`server.jobs`), the
+classifier (`server.classifier`) resolves the policy, renders, routes and streams from Triton, and the servicer
+turns the result back into protos. Errors travel as `errors.ServiceError`; `StatusInterceptor` maps them to gRPC
+status codes (with a `retry-after-ms` trailer when there is a hint), and turns anything unexpected into INTERNAL
+naming the request id, so a client never sees a traceback and the log has it.
 
 Health (`grpc.health.v1`): the services "" and "safeguard.v1.Safeguard" are NOT_SERVING until the classifier is
 ready (Triton answers, active policies are warm) and follow it from then on; "liveness" is SERVING as long as the
@@ -35,19 +35,11 @@ from classification.verdict import EXTRA_MESSAGES, MALFORMED, MISSING_FINAL, OK,
 from classification.vocab import load_harmony_encoding
 from server import log as slog
 from server.audit import AuditLog
-from server.classifier import (
-    BatchJob,
-    BatchOutcome,
-    Classification,
-    Classifier,
-    ClassifyJob,
-    PolicyInfo,
-    ReasoningText,
-    Selector,
-)
+from server.classifier import Classifier
+from server.errors import InvalidArgument, ServiceError
 from server.generated.safeguard.v1 import safeguard_pb2 as pb
 from server.generated.safeguard.v1 import safeguard_pb2_grpc as pb_grpc
-from server.limits import InvalidArgument, ServiceError
+from server.jobs import BatchJob, BatchOutcome, Classification, ClassifyJob, PolicyInfo, ReasoningText, Selector
 from server.metrics import Metrics, MetricsServer, serve_metrics
 from server.registry import Registry
 from server.settings import ServerSettings, ServerSettingsError

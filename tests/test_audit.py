@@ -19,8 +19,10 @@ import pytest
 from click.testing import CliRunner
 
 from appliance.cli import ApplianceGroup
-from server.audit import COLUMNS, GENESIS_HASH, AuditError, AuditLog, AuditReader, AuditRecord, record_hash
+from server.audit import AuditLog, AuditRecord
 from server.audit_cli import audit_group
+from server.audit_file import COLUMNS, GENESIS_HASH, AuditError, record_hash
+from server.audit_reader import AuditReader
 from server.registry import DB_NAME, Registry
 
 

@@ -32,15 +32,9 @@ from classification.content import Chat, PromptResponse, Text, Turn
 from classification.policy import load_policy, parse_policy
 from classification.vocab import load_harmony_encoding
 from server.audit import AuditLog
-from server.classifier import (
-    BatchJob,
-    Classification,
-    Classifier,
-    ClassifyJob,
-    ReasoningText,
-    Selector,
-)
-from server.limits import DeadlineExceeded, Internal, InvalidArgument, NotFound, ResourceExhausted, ServiceError
+from server.classifier import Classifier
+from server.errors import DeadlineExceeded, Internal, InvalidArgument, NotFound, ResourceExhausted, ServiceError
+from server.jobs import BatchJob, Classification, ClassifyJob, ReasoningText, Selector
 from server.metrics import Metrics
 from server.registry import Registry
 from server.settings import ServerSettings
@@ -200,7 +194,7 @@ def test_stream_sends_reasoning_then_the_result(stack):
 
 
 def test_batch_mixes_results_and_item_errors(stack):
-    from server.limits import InvalidArgument as Invalid
+    from server.errors import InvalidArgument as Invalid
 
     items = [("a", Text("plain"), []), ("b", Text(f"{BANANA} bread"), []), ("c", Text(""), []),
              ("d", Invalid("content.conversation has no turns"), []), ("e", Text("x"), [Selector(ref="missing")])]

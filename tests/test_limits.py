@@ -7,13 +7,14 @@ import grpc
 import pytest
 from prometheus_client import CollectorRegistry, Gauge
 
-from server import limits
-from server.limits import Admission, InvalidArgument, Limits, ResourceExhausted, ServiceError
+from server import errors, limits
+from server.errors import InvalidArgument, ResourceExhausted, ServiceError
+from server.limits import Admission, Limits
 
 
 def test_every_error_code_is_a_grpc_status_name():
-    for cls in (limits.InvalidArgument, limits.NotFound, limits.FailedPrecondition, limits.ResourceExhausted,
-                limits.Unavailable, limits.DeadlineExceeded, limits.Internal):
+    for cls in (errors.InvalidArgument, errors.NotFound, errors.FailedPrecondition, errors.ResourceExhausted,
+                errors.Unavailable, errors.DeadlineExceeded, errors.Internal):
         assert issubclass(cls, ServiceError)
         assert grpc.StatusCode[cls.code].name == cls.code
 

@@ -17,7 +17,9 @@ from click.testing import CliRunner
 from appliance.cli import ApplianceGroup
 from classification.policy import Policy, parse_policy
 from server.policy_cli import policy_group
-from server.registry import DB_NAME, SCHEMA_VERSION, Registry, RegistryError
+from server.registry import DB_NAME, Registry
+from server.registry_errors import RegistryError
+from server.registry_file import SCHEMA_VERSION
 
 
 def policy_text(policy_id: str = "spam", version: str = "1", body: str = "Flag spam.") -> str:

@@ -32,7 +32,8 @@ POLICIES = ("p0", "p1", "p2")
 WRITER = r'''
 import random, sys
 from classification.policy import parse_policy
-from server.registry import Registry, RegistryError
+from server.registry import Registry
+from server.registry_errors import RegistryError
 
 state_dir, trial = sys.argv[1], int(sys.argv[2])
 rng = random.Random(trial)
