@@ -52,6 +52,7 @@ import numpy as np
 
 from classification.content import Chat, Content, PromptResponse, Text, Turn
 from classification.golden import GoldenItem, golden_path, load_golden
+from classification.library import bundled_policy
 from classification.render import PromptRenderer
 from classification.tokens import CHANNEL, END, MESSAGE, RETURN, START, VOCAB_SIZE
 from classification.vocab import O200K_MERGEABLE_COUNT, default_cache_dir, load_harmony_encoding
@@ -67,7 +68,7 @@ log = logging.getLogger(__name__)
 # The code that is running, read once: a long-lived process must not file its training under a newer file's key.
 _SOURCE = Path(__file__).read_bytes()
 
-POLICY_FILE = Path(__file__).resolve().parents[2] / "policies" / "smoke.md"
+POLICY_FILE = bundled_policy("smoke")
 DISCLAIMER = "a fixture and demo, not a classifier"
 ASSISTANT = 173781  # "assistant": one ordinary token
 ANALYSIS = {
