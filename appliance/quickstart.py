@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -21,15 +20,11 @@ from pathlib import Path
 import click
 
 from classification.content import Content, PromptResponse, Text
-from classification.golden import load_golden
+from classification.golden import golden_path, load_golden
+from classification.library import bundled_policy
 from classification.vocab import default_cache_dir
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_IDS = ("smoke-001", "smoke-002", "smoke-003")  # then one of each other content kind from the golden set
-
-
-def policy_dir() -> Path:
-    return Path(os.environ.get("APPLIANCE_POLICY_DIR", REPO_ROOT / "policies"))
 
 
 @dataclass(frozen=True)
@@ -40,7 +35,7 @@ class Example:
 
 
 def examples() -> list[Example]:
-    items = load_golden(policy_dir() / "smoke.golden.jsonl")
+    items = load_golden(golden_path(bundled_policy("smoke")))
     chosen = [i for i in items if i.id in EXAMPLE_IDS]
     for kind in ("prompt_response", "conversation"):
         chosen += [i for i in items if i.kind == kind][:2]
@@ -109,7 +104,7 @@ async def _run(repository: Path, state: Path) -> int:
         client = SafeguardClient(frontend.address, timeout=120)
 
         _step("register and activate the smoke policy (its prefix is warmed on Triton)")
-        version = await asyncio.to_thread(client.put_policy, (policy_dir() / "smoke.md").read_text(), activate=True)
+        version = await asyncio.to_thread(client.put_policy, bundled_policy("smoke").read_text(), activate=True)
         click.echo(f"    {version.id}@{version.version} sha256 {version.sha256[:12]}, {version.tokens} tokens")
 
         _step("Classify, one request at a time")

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from classification.content import Text
+from classification.library import bundled_policy
 from classification.policy import load_policy
 from classification.render import PromptPrefix, PromptRenderer
 from classification.vocab import default_cache_dir, load_harmony_encoding
@@ -36,11 +37,10 @@ from engine.executors.prefix_store import PrefixStore
 from engine.executors.reference import ReferenceExecutor
 from engine.settings import EngineSettings
 
-REPO = Path(__file__).resolve().parents[1]
 PRESET = "mid"
 PREFIX_TOKENS = 600
 CONTENT_TOKENS = 100
-POLICY = REPO / "policies" / "spam-scams.md"
+POLICY = bundled_policy("spam-scams")
 FILLER = ("Hello friend, I am writing about an exclusive offer for a luxury watch at ninety percent off, "
           "shipped free from our warehouse, pay by gift card only, reply today with your address. ")
 

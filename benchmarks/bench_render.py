@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import statistics
 import time
-from pathlib import Path
 
 from classification.content import Text
+from classification.library import bundled_policies, library_dir
 from classification.policy import load_policy
 from classification.render import PromptRenderer, prefix_ids
 from classification.vocab import load_harmony_encoding
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _timed(fn, items) -> list[float]:
@@ -36,12 +34,12 @@ def _report(label: str, micros: list[float]) -> None:
 def main() -> None:
     encoding = load_harmony_encoding()
     renderer = PromptRenderer(encoding, model_fingerprint="bench")
-    policy = min((load_policy(p) for p in sorted((REPO / "policies").glob("*.md")) if p.name != "README.md"),
+    policy = min((load_policy(p) for p in bundled_policies()),
                  key=lambda p: abs(len(encoding.encode(p.body, disallowed_special=())) - 600))
     tokens = len(encoding.encode(policy.body, disallowed_special=()))
     prefix = renderer.prefix(policy.body, "medium")
     # Distinct realistic texts, so no tokenizer cache can flatter the figure.
-    corpus = " ".join(p.read_text() for p in sorted((REPO / "policies").glob("*.md")))
+    corpus = " ".join(p.read_text() for p in sorted(library_dir().glob("*.md")))
     contents = [Text(corpus[(i * 97) % (len(corpus) - 2000):][:2000]) for i in range(2000)]
     renderer.render(prefix, contents[0])
     print(f"policy {policy.id}: {tokens} tokens, prefix {len(prefix.ids)} tokens; content 2,000 characters")

@@ -11,9 +11,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from classification.library import bundled_policy
 from engine.triton import contract
 
-POLICY_FILE = Path(__file__).resolve().parents[1] / "policies" / "smoke.md"
+POLICY_FILE = bundled_policy("smoke")
 SAFE_ANALYSIS = "The content does not mention bananas."
 SAFE_FINAL = '{"violation": 0, "policy_category": null, "rule_ids": []}'
 UNSAFE_ANALYSIS = "The content mentions bananas, so BN1.a applies."

@@ -1,8 +1,9 @@
 """`appliance audit ...`: verify the audit log's hash chain and read its records.
 
 Every subcommand opens the file read-only, so it can run against a live appliance's log or a copy kept as evidence
-without changing a byte. The file comes from `--path` (or `$APPLIANCE_AUDIT_PATH`), defaulting to the audit log in
-the appliance's default state directory.
+without changing a byte. The file is the audit log in the group's `--state-dir` (or `$APPLIANCE_STATE_DIR`), the
+directory `appliance serve` writes it in (server/state.py), unless a subcommand's `--path` (or
+`$APPLIANCE_AUDIT_PATH`) names another file, such as a copy kept as evidence.
 """
 
 from __future__ import annotations
@@ -17,23 +18,21 @@ import click
 
 from server.audit_file import AUDIT_DB_NAME, AuditError
 from server.audit_reader import AuditEntry, AuditReader
-from server.policy_cli import DEFAULT_STATE_DIR
-
-DEFAULT_AUDIT_PATH = f"{DEFAULT_STATE_DIR}/{AUDIT_DB_NAME}"
+from server.state import audit_path, state_dir_option
 
 
 def _path_option(command: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--path", "path", type=click.Path(dir_okay=False, path_type=Path),
-                        envvar="APPLIANCE_AUDIT_PATH", default=DEFAULT_AUDIT_PATH, show_default=True,
-                        help="The audit log file.")(command)
+                        envvar="APPLIANCE_AUDIT_PATH", show_envvar=True, default=None,
+                        show_default=f"STATE_DIR/{AUDIT_DB_NAME}", help="The audit log file.")(command)
 
 
 def _json_option(command: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--json", "as_json", is_flag=True, help="One JSON object per record, every field.")(command)
 
 
-def _reader(path: Path) -> AuditReader:
-    return AuditReader(path.expanduser())
+def _reader(state_dir: Path, path: Path | None) -> AuditReader:
+    return AuditReader(audit_path(state_dir) if path is None else path.expanduser())
 
 
 def _verdict(entry: AuditEntry) -> str:
@@ -64,15 +63,19 @@ def _echo_details(entry: AuditEntry) -> None:
 
 
 @click.group("audit")
-def audit_group() -> None:
+@state_dir_option
+@click.pass_context
+def audit_group(ctx: click.Context, state_dir: Path) -> None:
     """The decision audit log: verify its hash chain, read its records."""
+    ctx.obj = state_dir
 
 
 @audit_group.command("verify")
 @_path_option
-def verify_command(path: Path) -> None:
+@click.pass_obj
+def verify_command(state_dir: Path, path: Path | None) -> None:
     """Check every record's hash and its link to the one before; name the first broken record (exit 1)."""
-    reader = _reader(path)
+    reader = _reader(state_dir, path)
     result = reader.verify()
     if not result.ok:
         raise AuditError(f"audit log {reader.path}: record {result.first_broken_seq} (request "
@@ -85,9 +88,10 @@ def verify_command(path: Path) -> None:
 @_path_option
 @click.option("-n", "count", type=click.IntRange(min=1), default=20, show_default=True, help="How many records.")
 @_json_option
-def tail_command(path: Path, count: int, as_json: bool) -> None:
+@click.pass_obj
+def tail_command(state_dir: Path, path: Path | None, count: int, as_json: bool) -> None:
     """The newest records, oldest first."""
-    entries = _reader(path).tail(count)
+    entries = _reader(state_dir, path).tail(count)
     if entries:
         _echo_entries(entries, as_json)
     elif not as_json:
@@ -99,11 +103,12 @@ def tail_command(path: Path, count: int, as_json: bool) -> None:
 @click.argument("seq", type=click.IntRange(min=1), required=False)
 @click.option("--request-id", help="Every record of this request (one per policy) instead of one SEQ.")
 @_json_option
-def show_command(path: Path, seq: int | None, request_id: str | None, as_json: bool) -> None:
+@click.pass_obj
+def show_command(state_dir: Path, path: Path | None, seq: int | None, request_id: str | None, as_json: bool) -> None:
     """Every field of record SEQ, or of each record of a request."""
     if (seq is None) == (request_id is None):
         raise click.UsageError("give either SEQ or --request-id")
-    reader = _reader(path)
+    reader = _reader(state_dir, path)
     if seq is not None:
         entries = [reader.get(seq)]
     else:

@@ -1,7 +1,8 @@
 """`appliance policy ...`: add, inspect, activate and roll back policy versions in the registry.
 
 The state directory comes from the group's own `--state-dir` option (or `$APPLIANCE_STATE_DIR`), shared by every
-subcommand, rather than from one auto-named environment variable per subcommand.
+subcommand and with `appliance serve` and `appliance audit` (server/state.py), rather than from one auto-named
+environment variable per subcommand.
 """
 
 from __future__ import annotations
@@ -15,8 +16,7 @@ from classification.errors import VocabularyError
 from classification.policy import Policy, PolicyRef, length_warning, load_policy
 from server.registry import ActivationResult, ImportOutcome, Registry, StoredPolicy, VersionInfo
 from server.registry_errors import RegistryError
-
-DEFAULT_STATE_DIR = "~/.local/state/safeguard-appliance"
+from server.state import state_dir_option
 
 
 @dataclass(frozen=True)
@@ -86,12 +86,11 @@ def _echo_activation(result: ActivationResult, verb: str) -> None:
 
 
 @click.group("policy")
-@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), envvar="APPLIANCE_STATE_DIR",
-              default=DEFAULT_STATE_DIR, show_default=True, help="Where the policy registry lives.")
+@state_dir_option
 @click.pass_context
 def policy_group(ctx: click.Context, state_dir: Path) -> None:
     """Policy versions: add, list, show, activate, roll back, diff, import."""
-    ctx.obj = _Settings(state_dir.expanduser())
+    ctx.obj = _Settings(state_dir)
 
 
 @policy_group.command("add")

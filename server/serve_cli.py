@@ -4,8 +4,10 @@
     appliance serve --triton-endpoints h1:8001 --triton-endpoints h2:8001   # route over running Triton servers
 
 Every front-end setting is a flag generated from `ServerSettings` (the single place they are declared), with an
-environment twin `APPLIANCE_SERVE_<NAME>`. SIGTERM or SIGINT drains: the front end stops taking requests and lets
-running ones finish within `--grace-s`, then Triton stops (in that order: open streams would hold Triton up).
+environment twin `APPLIANCE_SERVE_<NAME>`, except `--state-dir`, whose variable is `APPLIANCE_STATE_DIR`, shared with
+`appliance policy` and `appliance audit` (server/state.py). SIGTERM or SIGINT drains: the front end stops taking
+requests and lets running ones finish within `--grace-s`, then Triton stops (in that order: open streams would hold
+Triton up).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ _TYPES = {"str": str, "int": int, "float": float, "bool": bool}
 def _option(field_: Any) -> typing.Callable:
     name = field_.name.replace("_", "-")
     common = {"default": field_.default, "show_default": True, "help": field_.metadata.get("help", "")}
+    if "envvar" in field_.metadata:
+        common |= {"envvar": field_.metadata["envvar"], "show_envvar": True}
     if field_.type.startswith("tuple"):
         return click.option(f"--{name}", multiple=True, **common)
     kind = _TYPES[field_.type]

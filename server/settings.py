@@ -2,7 +2,9 @@
 
 Each field has a default and a `help` string in its metadata, so a command can generate its flags (and their
 environment-variable twins) from `fields(ServerSettings)` without restating them; `SETTING_HELP` exposes the same
-text. Tuple fields are repeatable flags. `validate` lists every problem at once, like the other settings files.
+text. A field whose environment variable other commands share names it in its metadata (`envvar`): the state
+directory, which `appliance policy` and `appliance audit` read too. Tuple fields are repeatable flags. `validate`
+lists every problem at once, like the other settings files.
 """
 
 from __future__ import annotations
@@ -13,19 +15,18 @@ from pathlib import Path
 from typing import Any
 
 from classification.errors import ApplianceError
-
-DEFAULT_STATE_DIR = "~/.local/state/safeguard-appliance"  # the same default as `appliance policy`
-AUDIT_FILE = "audit.sqlite3"
+from server import state
 
 
 class ServerSettingsError(ApplianceError):
     """Settings the front end cannot start with."""
 
 
-def _setting(default: Any, help_text: str) -> Any:
+def _setting(default: Any, help_text: str, envvar: str | None = None) -> Any:
+    metadata = {"help": help_text} if envvar is None else {"help": help_text, "envvar": envvar}
     if isinstance(default, tuple | list):
-        return field(default=tuple(default), metadata={"help": help_text})
-    return field(default=default, metadata={"help": help_text})
+        return field(default=tuple(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class ServerSettings:
     metrics_port: int = _setting(50152, "port of the Prometheus /metrics HTTP server (0: any free port)")
 
     # -- state ---------------------------------------------------------------------------------------------------
-    state_dir: str = _setting(DEFAULT_STATE_DIR, "directory holding the policy registry and the audit log")
+    state_dir: str = _setting(state.DEFAULT_STATE_DIR, state.STATE_DIR_HELP, envvar=state.STATE_DIR_ENV)
     audit_store_rationale: bool = _setting(True, "keep the model's rationale in the audit log")
     audit_store_content: bool = _setting(False, "keep the classified content itself in the audit log "
                                                 "(its sha256 is always kept)")
@@ -78,11 +79,11 @@ class ServerSettings:
 
     @property
     def state_path(self) -> Path:
-        return Path(self.state_dir).expanduser()
+        return state.state_path(self.state_dir)
 
     @property
     def audit_path(self) -> Path:
-        return self.state_path / AUDIT_FILE
+        return state.audit_path(self.state_dir)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> ServerSettings:

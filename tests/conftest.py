@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from classification.library import library_dir
+
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".cache" / "tests"
-POLICIES = REPO / "policies"
+POLICIES = library_dir()
 os.environ.setdefault("APPLIANCE_CACHE_DIR", str(REPO / ".cache" / "appliance"))
 
 _SOURCES = ("engine/checkpoint/synth.py", "engine/checkpoint/config.py", "engine/checkpoint/inventory.py",

@@ -7,6 +7,7 @@
 # Debian 12 (glibc 2.36) is what the tritonserver in nvidia-pytriton 0.7.0 was verified on.
 FROM python:3.11.11-slim-bookworm
 
+# APPLIANCE_STATE_DIR: the one state directory (policy registry, audit log) of `serve`, `policy` and `audit`.
 ENV APPLIANCE_CACHE_DIR=/opt/safeguard/cache \
     APPLIANCE_STATE_DIR=/var/lib/safeguard \
     HF_HUB_OFFLINE=1 \
@@ -16,6 +17,7 @@ ENV APPLIANCE_CACHE_DIR=/opt/safeguard/cache \
 WORKDIR /opt/safeguard/src
 COPY pyproject.toml README.md ./
 COPY appliance ./appliance
+COPY classification ./classification
 COPY engine ./engine
 COPY server ./server
 COPY build_scripts ./build_scripts

@@ -8,6 +8,7 @@
 # Dockerfile at release/1.2.1; TensorRT-LLM 1.2 release notes name the 25.12 base images).
 FROM nvcr.io/nvidia/tritonserver:25.12-trtllm-python-py3
 
+# APPLIANCE_STATE_DIR: the one state directory (policy registry, audit log) of `serve`, `policy` and `audit`.
 ENV APPLIANCE_CACHE_DIR=/opt/safeguard/cache \
     APPLIANCE_STATE_DIR=/var/lib/safeguard \
     TIKTOKEN_ENCODINGS_BASE=/opt/safeguard/cache/vocab \
@@ -18,6 +19,7 @@ ENV APPLIANCE_CACHE_DIR=/opt/safeguard/cache \
 WORKDIR /opt/safeguard/src
 COPY pyproject.toml README.md ./
 COPY appliance ./appliance
+COPY classification ./classification
 COPY engine ./engine
 COPY server ./server
 COPY build_scripts ./build_scripts
