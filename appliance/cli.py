@@ -2,7 +2,8 @@
 
 Each package contributes its own commands; this module only gathers them and turns the errors a person can act
 on (`ApplianceError`) into plain messages and a non-zero exit instead of a traceback. Every option also reads an
-environment variable: `APPLIANCE_<COMMAND>_<OPTION>`, e.g. `APPLIANCE_SYNTH_SEED`.
+environment variable: `APPLIANCE_<COMMAND>_<OPTION>`, e.g. `APPLIANCE_SYNTH_SEED`, except the state directory,
+which `serve`, `policy` and `audit` share through one variable, `APPLIANCE_STATE_DIR` (`server.state`).
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from classification.errors import VocabularyError
+from classification.library import library_dir
 from classification.policy import Policy, PolicyRef, length_warning, load_policy
 from server.registry import ActivationResult, ImportOutcome, Registry, StoredPolicy, VersionInfo
 from server.registry_errors import RegistryError
@@ -206,11 +207,12 @@ def _outcome_line(outcome: ImportOutcome) -> tuple[str, str, str]:
 
 
 @policy_group.command("import")
-@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path), required=False)
 @click.pass_obj
-def import_command(settings: _Settings, directory: Path) -> None:
-    """Add every policy file (*.md with '+++' front matter) in DIRECTORY; a policy with no active version gets its
-    imported version activated."""
+def import_command(settings: _Settings, directory: Path | None) -> None:
+    """Add every policy file (*.md with '+++' front matter) in DIRECTORY (default: the library bundled with the
+    appliance); a policy with no active version gets its imported version activated."""
+    directory = directory or library_dir()
     outcomes = settings.registry().import_dir(directory)
     if not outcomes:
         click.echo(f"no *.md files in {directory}")
