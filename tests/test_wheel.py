@@ -138,7 +138,7 @@ def test_synth_smoke_runs_from_the_wheel(install: Install):
     assert report.rstrip().endswith("OK"), report
 
 
-def test_the_bundled_library_imports_from_the_wheel(install: Install, probe: dict):
+def test_the_bundled_library_imports_from_the_wheel(install: Install):
     state = {"APPLIANCE_STATE_DIR": str(install.cwd / "state")}
     imported = install.appliance("policy", "import", env=state).stdout  # no directory: the bundled library
     listed = install.appliance("policy", "list", env=state).stdout
