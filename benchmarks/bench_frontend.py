@@ -2,9 +2,9 @@
 
     python -m benchmarks.bench_frontend [--requests 400] [--concurrency 1 4] [--chunk 8]
 
-One tritonserver serves a canned model (`write_canned_model`): it implements the safeguard tensor contract and
-streams a fixed, short harmony completion, so generation costs almost nothing and every difference between the two
-paths is the front end's. The front end runs in its own process, as in production, with the smoke policy active
+One tritonserver serves the safeguard model over the canned executor (`write_canned_repository`): it streams a
+fixed, short harmony completion, so generation costs almost nothing and every difference between the two paths is
+the front end's. The front end runs in its own process, as in production, with the smoke policy active
 (and audit records queued without waiting for the fsync, `audit_wait=False`; see the printed note). Both paths run
 the same rendered prompts at the same closed-loop concurrency, interleaved in rounds so drift on a shared machine
 hits both alike:
@@ -16,7 +16,7 @@ hits both alike:
 
 It prints p50/p99 per path and the differences. Nothing asserts.
 
-The canned model (benchmarks/canned_model.py) also serves the front end's tests.
+The canned executor (engine/executors/canned.py) also serves the front end's tests.
 """
 
 from __future__ import annotations
@@ -36,14 +36,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks.canned_model import (
-    POLICY_FILE,
-    SAFE_ANALYSIS,
-    SAFE_FINAL,
-    Script,
-    harmony_completion,
-    write_canned_model,
-)
+from build_scripts.repository import write_canned_repository
+from classification.library import bundled_policy
+from engine.executors.canned import SAFE_ANALYSIS, SAFE_FINAL, Script, harmony_completion
+from engine.triton.contract import MODEL_NAME
 
 # -- the measurement ----------------------------------------------------------------------------------------------
 
@@ -101,7 +97,7 @@ async def _measure(triton_url: str, frontend_url: str, frontend_pid: int, finger
     from server.generated.safeguard.v1 import safeguard_pb2_grpc as pb_grpc
     from server.triton.client import GenerateRequest, TritonEndpoint
 
-    policy = load_policy(POLICY_FILE)
+    policy = load_policy(bundled_policy("smoke"))
     renderer = PromptRenderer(load_harmony_encoding(), fingerprint)
     prefix = renderer.prefix(policy.body, policy.reasoning_effort)
     texts = _texts(64)
@@ -249,18 +245,18 @@ async def _run(args: argparse.Namespace) -> None:
         root = Path(tmp)
         completion = harmony_completion(encode, SAFE_ANALYSIS, SAFE_FINAL)
         script = Script((), completion, chunk=args.chunk, delay_s=args.response_delay_ms / 1000)
-        write_canned_model(root / "repo", [script], fingerprint=fingerprint, log_requests=False)
+        write_canned_repository(root / "repo", [script], fingerprint, keep_logs=False)
         state = Path(tempfile.mkdtemp(prefix="bench-frontend-state-", dir=args.state_parent))
-        Registry(state).add(load_policy(POLICY_FILE), activate=True)
+        Registry(state).add(load_policy(bundled_policy("smoke")), activate=True)
         with TritonServer(TritonConfig(root / "repo")) as triton:
             port = _free_port()
             settings = {"listen": f"127.0.0.1:{port}", "triton_endpoints": [triton.grpc_url],
-                        "triton_model": "canned", "state_dir": str(state), "metrics_port": 0,
+                        "triton_model": MODEL_NAME, "state_dir": str(state), "metrics_port": 0,
                         "audit_wait": False, "log_level": "warning", "max_output_tokens": args.max_tokens}
             process = _start_frontend(settings, root / "frontend.log")
             try:
                 await _wait_serving(f"127.0.0.1:{port}")
-                results = await _measure(triton.grpc_url, f"127.0.0.1:{port}", process.pid, fingerprint, "canned",
+                results = await _measure(triton.grpc_url, f"127.0.0.1:{port}", process.pid, fingerprint, MODEL_NAME,
                                          args)
             except RuntimeError:
                 print((root / "frontend.log").read_text()[-4000:], file=sys.stderr)

@@ -8,7 +8,8 @@
 The system message carries no date, so the prefix (and the KV cache behind it) is the same every day. The prefix
 is rendered by openai-harmony itself and its ids are reused byte for byte; per request only the content is
 tokenized, always as ordinary text, so content can never produce special tokens (`<|start|>` typed by a user is
-seven ordinary tokens). The cache key is sha256 over the model fingerprint and the prefix ids.
+seven ordinary tokens). A prefix is named by `prefix_key` (model fingerprint and prefix ids), the one key the front
+end routes by and an executor's prefix store files KV under.
 
 Content is tokenized with quicktok's o200k encoder when it agrees with harmony's on a probe: it is exact BPE over
 the same vocabulary (the one our offline vocabulary file is rebuilt from) and about ten times faster on this machine
@@ -19,8 +20,9 @@ rendering work.
 from __future__ import annotations
 
 import hashlib
+import struct
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from threading import Lock
 
@@ -41,14 +43,19 @@ EFFORTS = {"low": ReasoningEffort.LOW, "medium": ReasoningEffort.MEDIUM, "high":
 CHANNELS = ("analysis", "final")
 
 
-
-
+def prefix_key(model_fingerprint: str, ids: Sequence[int]) -> str:
+    """Names a prompt prefix as computed by one model: sha256 hex over the fingerprint, a NUL, then the ids as
+    little-endian int32. Equal keys mean the same KV cache, whoever computes them; the fingerprint keeps two models'
+    caches of the same ids apart."""
+    digest = hashlib.sha256(model_fingerprint.encode() + b"\x00")
+    digest.update(struct.pack(f"<{len(ids)}i", *ids))
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
 class PromptPrefix:
     ids: tuple[int, ...]
-    key: str  # sha256 hex over the model fingerprint and `ids`
+    key: str  # prefix_key(model fingerprint, ids)
     effort: str
 
 
@@ -110,9 +117,7 @@ class PromptRenderer:
                 self._prefixes.move_to_end(cache_key)
                 return found
         ids = prefix_ids(self.encoding, instructions, effort)
-        digest = hashlib.sha256(self.model_fingerprint.encode() + b"\x00")
-        digest.update(b"".join(i.to_bytes(4, "little") for i in ids))
-        made = PromptPrefix(ids, digest.hexdigest(), effort)
+        made = PromptPrefix(ids, prefix_key(self.model_fingerprint, ids), effort)
         with self._lock:
             self._prefixes[cache_key] = made
             while len(self._prefixes) > self._max:

@@ -1,7 +1,8 @@
 """Engine settings: the file `appliance build` writes next to the Triton model, and the executor reads at load.
 
 One JSON document (`engine.json`) says which executor runs which checkpoint, and how. The TensorRT-LLM executor
-adds its `LLM()` arguments under `trtllm`; the reference executor uses the fields below.
+adds its `LLM()` arguments under `trtllm`; the reference executor uses the fields below; the canned executor (scripted
+answers, no checkpoint: `engine.executors.canned`) takes its scripts under `canned`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 from classification.errors import ApplianceError
 
 SETTINGS_FILE = "engine.json"
-EXECUTORS = ("reference", "trtllm")
+EXECUTORS = ("reference", "trtllm", "canned")
 
 
 class SettingsError(ApplianceError):
@@ -23,8 +24,8 @@ class SettingsError(ApplianceError):
 
 @dataclass(frozen=True)
 class EngineSettings:
-    executor: str  # "reference" | "trtllm"
-    model_dir: str  # checkpoint directory, absolute
+    executor: str  # "reference" | "trtllm" | "canned"
+    model_dir: str  # checkpoint directory, absolute ("" for the canned executor)
     model_fingerprint: str  # sha256 over the checkpoint manifest: names the model in cache keys and audit records
     device: str = "cpu"  # reference: "cpu" or "cuda"
     dtype: str = "bfloat16"  # reference: "bfloat16" or "float32"
@@ -32,6 +33,7 @@ class EngineSettings:
     max_context: int = 8192  # prompt plus generated tokens
     prefix_cache_bytes: int = 512 << 20  # budget of the reference executor's prefix KV store
     trtllm: dict[str, Any] = field(default_factory=dict)  # LLM() keyword arguments, for the trtllm executor
+    canned: dict[str, Any] = field(default_factory=dict)  # scripts (and log_dir), for the canned executor
 
     def __post_init__(self) -> None:
         if self.executor not in EXECUTORS:

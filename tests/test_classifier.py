@@ -1,4 +1,4 @@
-"""The serving core without gRPC: a real tritonserver (the canned model), a real SQLite registry and audit log.
+"""The serving core without gRPC: a real tritonserver (the canned executor), a real SQLite registry and audit log.
 
 One event loop serves the whole module (grpc.aio channels belong to the loop that made them), so each test runs its
 coroutine on the module's `asyncio.Runner`.
@@ -21,13 +21,12 @@ from test_triton_client import (
     FINGERPRINT,
     GARBLE,
     SLOW,
-    requests_logged,
     start_canned_triton,
     wait_for,
 )
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
-from benchmarks.canned_model import CannedModel
+from build_scripts.repository import CannedRepository
 from classification.content import Chat, PromptResponse, Text, Turn
 from classification.policy import load_policy, parse_policy
 from classification.vocab import load_harmony_encoding
@@ -62,7 +61,7 @@ class Stack:
     registry: Registry
     audit: AuditLog
     triton: TritonServer
-    model: CannedModel
+    model: CannedRepository
 
     def run(self, coroutine):
         return self.runner.run(coroutine)
@@ -75,7 +74,7 @@ def job(content=None, selector: Selector | None = None, **changes) -> ClassifyJo
 
 
 def settings_for(endpoints: list[str], state: Path, **changes) -> ServerSettings:
-    return ServerSettings(listen="127.0.0.1:0", triton_endpoints=tuple(endpoints), triton_model="canned",
+    return ServerSettings(listen="127.0.0.1:0", triton_endpoints=tuple(endpoints),
                           state_dir=str(state), metrics_port=0, health_interval_s=0.2, policy_refresh_s=0.3,
                           max_in_flight=2, batch_concurrency=2, max_content_tokens=500, **changes)
 
@@ -100,7 +99,7 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
 
 def test_ready_after_warming_the_active_policy(stack):
     assert stack.classifier.ready
-    warm = [r for r in requests_logged(stack.model) if r["max_tokens"] == 0]
+    warm = [r for r in stack.model.requests() if r["max_tokens"] == 0]
     assert warm and warm[0]["prefix_len"] == warm[0]["prompt"] and warm[0]["priority"] == 90
 
 
@@ -220,14 +219,14 @@ def test_deadline_cancels_the_triton_request(stack):
     request = job(Text(f"{SLOW} please"), deadline=time.monotonic() + 0.3)
     with pytest.raises(DeadlineExceeded):
         stack.run(stack.classifier.classify(request))
-    assert stack.run(wait_for(lambda: request.request_id in stack.model.log_lines("cancelled.log")))
+    assert stack.run(wait_for(lambda: request.request_id in stack.model.cancelled()))
 
 
 def test_an_expired_deadline_never_reaches_triton(stack):
     request = job(deadline=time.monotonic() - 1)
     with pytest.raises(DeadlineExceeded):
         stack.run(stack.classifier.classify(request))
-    assert request.request_id not in {r["id"] for r in requests_logged(stack.model)}
+    assert request.request_id not in {r["id"] for r in stack.model.requests()}
 
 
 def test_overload_is_refused_with_a_retry_hint(stack):
@@ -254,7 +253,7 @@ def test_admin_changes_the_active_version_and_warms_it(stack):
     info = stack.run(stack.classifier.put_policy(v2, activate=True))
     assert (info.version, info.active) == ("2.0.0", True)
     new_prefix = stack.classifier.policies.cached_active()[0].prefixes["low"]
-    warm = [r for r in requests_logged(stack.model) if r["max_tokens"] == 0 and r["prompt"] == len(new_prefix.ids)]
+    warm = [r for r in stack.model.requests() if r["max_tokens"] == 0 and r["prompt"] == len(new_prefix.ids)]
     assert warm, "the new version's prefix was not warmed"
     result = stack.run(stack.classifier.classify(job()))
     assert result.policy.version == "2.0.0" and result.usage.cached_prompt_tokens == len(new_prefix.ids)

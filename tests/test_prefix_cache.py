@@ -13,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import DynamicCache, GptOssConfig
 
-from engine.executors.prefix_store import PrefixStore, kv_nbytes, prefix_key
+from classification.render import prefix_key
+from engine.executors.prefix_store import PrefixStore, kv_nbytes
 
 HEAD_DIM = 8
 BYTES_PER_TOKEN = 2 * HEAD_DIM * 4  # K and V, one head, float32
@@ -38,11 +39,12 @@ def sliding_cache(tokens: int, window: int) -> DynamicCache:
     return cache
 
 
-def test_key_is_sha256_of_the_ids_and_depends_on_every_id():
-    key = prefix_key([200006, 17360, 200008])
-    assert len(key) == 64 and key == prefix_key((200006, 17360, 200008))
-    assert key != prefix_key([200006, 17360, 200009])
-    assert key != prefix_key([200006, 17360])
+def test_key_is_sha256_of_the_model_and_ids_and_depends_on_every_id():
+    key = prefix_key("model", [200006, 17360, 200008])
+    assert len(key) == 64 and key == prefix_key("model", (200006, 17360, 200008))
+    assert key != prefix_key("model", [200006, 17360, 200009])
+    assert key != prefix_key("model", [200006, 17360])
+    assert key != prefix_key("other-model", [200006, 17360, 200008])
 
 
 def test_get_and_put_never_share_objects_with_callers():

@@ -1,4 +1,4 @@
-"""The front end over real gRPC on loopback: a real tritonserver (the canned model from test_triton_client, steered
+"""The front end over real gRPC on loopback: a real tritonserver (the canned executor from test_triton_client, steered
 by marker words), a real SQLite registry and audit log, health, reflection and metrics.
 
 One event loop runs the whole module (server and clients); tests drive it through the module's `asyncio.Runner`.
@@ -34,7 +34,7 @@ from test_triton_client import (
     start_canned_triton,
 )
 
-from benchmarks.canned_model import CannedModel, write_canned_model
+from build_scripts.repository import CannedRepository, write_canned_repository
 from classification.policy import load_policy
 from server import log as slog
 from server.generated.safeguard.v1 import safeguard_pb2 as pb
@@ -65,7 +65,7 @@ class Api:
     stub: pb_grpc.SafeguardStub
     health: health_pb2_grpc.HealthStub
     channel: grpc.aio.Channel
-    model: CannedModel | None = None  # the canned Triton model, when that is what serves
+    model: CannedRepository | None = None  # the canned Triton model, when that is what serves
 
     def run(self, awaitable):
         return self.runner.run(_awaited(awaitable))
@@ -89,7 +89,7 @@ def classify_request(text: str = "hello there", ref: str = "smoke", **fields) ->
 
 
 def frontend_settings(endpoint: str, state: Path, **changes) -> ServerSettings:
-    values = dict(listen="127.0.0.1:0", triton_endpoints=(endpoint,), triton_model="canned", state_dir=str(state),
+    values = dict(listen="127.0.0.1:0", triton_endpoints=(endpoint,), state_dir=str(state),
                   metrics_port=0, health_interval_s=0.2, policy_refresh_s=0.5, max_in_flight=2,
                   batch_concurrency=2, max_content_tokens=500)
     values.update(changes)
@@ -315,7 +315,7 @@ def test_a_client_that_goes_away_cancels_its_triton_request(api):
         stream.cancel()
 
     api.run(leave())
-    assert api.run(_eventually(lambda: "gone" in api.model.log_lines("cancelled.log")))
+    assert api.run(_eventually(lambda: "gone" in api.model.cancelled()))
     assert api.run(_eventually(lambda: api.frontend.classifier.admission.in_flight == 0))
 
 
@@ -428,7 +428,7 @@ def test_triton_coming_dying_and_coming_back(tmp_path):
     UNAVAILABLE; ready once Triton answers. Killing tritonserver mid-stream gives the client UNAVAILABLE within 2 s;
     once Triton is back on the same port the prober notices, re-warms the policy and the service answers again. A
     request accepted before a graceful stop still gets its answer."""
-    write_canned_model(tmp_path / "repo", canned_scripts(), fingerprint=FINGERPRINT)
+    write_canned_repository(tmp_path / "repo", canned_scripts(), FINGERPRINT)
     grpc_port, http_port, metrics_port = _free_ports(3)
     config = TritonConfig(tmp_path / "repo", grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port)
     Registry(tmp_path / "state").add(SMOKE, activate=True)

@@ -1,5 +1,5 @@
-"""The Triton client against a real tritonserver serving the canned model (benchmarks/canned_model.py), which
-implements the safeguard tensor contract and is steered by marker words in the prompt.
+"""The Triton client against a real tritonserver serving the real Triton model over the canned executor
+(engine/executors/canned.py), which is steered by marker words in the prompt.
 
 The canned repository and its scripts are shared with test_classifier.py and test_servicer.py (imported from here).
 """
@@ -8,23 +8,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from benchmarks.canned_model import (
+from build_scripts.repository import CannedRepository, write_canned_repository
+from classification.vocab import load_harmony_encoding
+from engine.executors.canned import (
     SAFE_ANALYSIS,
     SAFE_FINAL,
     UNSAFE_ANALYSIS,
     UNSAFE_FINAL,
-    CannedModel,
     Script,
     harmony_completion,
-    write_canned_model,
 )
-from classification.vocab import load_harmony_encoding
+from engine.settings import SETTINGS_FILE
+from engine.triton.contract import FINGERPRINT_PARAMETER, MAX_CONTEXT_PARAMETER, MODEL_NAME, SETTINGS_PARAMETER
 from server.triton.client import (
     Chunk,
     EndpointUnavailable,
@@ -62,15 +62,11 @@ def canned_scripts() -> list[Script]:
     ]
 
 
-def start_canned_triton(directory: Path, **config: object) -> tuple[TritonServer, CannedModel]:
-    model = write_canned_model(directory / "repo", canned_scripts(), fingerprint=FINGERPRINT)
+def start_canned_triton(directory: Path, **config: object) -> tuple[TritonServer, CannedRepository]:
+    model = write_canned_repository(directory / "repo", canned_scripts(), FINGERPRINT)
     server = TritonServer(TritonConfig(directory / "repo", **config))
     server.start()
     return server, model
-
-
-def requests_logged(model: CannedModel) -> list[dict]:
-    return [json.loads(line) for line in model.log_lines("requests.log")]
 
 
 async def wait_for(condition, timeout: float = 5.0) -> bool:
@@ -83,7 +79,7 @@ async def wait_for(condition, timeout: float = 5.0) -> bool:
 
 
 @pytest.fixture(scope="module")
-def triton(tmp_path_factory) -> Iterator[tuple[TritonServer, CannedModel]]:
+def triton(tmp_path_factory) -> Iterator[tuple[TritonServer, CannedRepository]]:
     server, model = start_canned_triton(tmp_path_factory.mktemp("triton-client"))
     yield server, model
     server.stop()
@@ -102,7 +98,7 @@ def test_stream_carries_tokens_cache_figure_and_finish(triton):
     server, _model = triton
 
     async def run() -> tuple[list[Chunk], list[Chunk]]:
-        endpoint = TritonEndpoint(server.grpc_url, "canned")
+        endpoint = TritonEndpoint(server.grpc_url, MODEL_NAME)
         try:
             request = GenerateRequest(_prompt(prefix_len=30), 256, prefix_len=30, prefix_priority=90)
             return await _collect(endpoint, request), await _collect(endpoint, request)
@@ -124,7 +120,7 @@ def test_budget_truncates_with_finish_length(triton):
     server, _model = triton
 
     async def run() -> list[Chunk]:
-        endpoint = TritonEndpoint(server.grpc_url, "canned")
+        endpoint = TritonEndpoint(server.grpc_url, MODEL_NAME)
         try:
             return await _collect(endpoint, GenerateRequest(_prompt(), 5))
         finally:
@@ -139,7 +135,7 @@ def test_prefill_only_request_sends_the_prefix_fields(triton):
     server, model = triton
 
     async def run() -> list[Chunk]:
-        endpoint = TritonEndpoint(server.grpc_url, "canned")
+        endpoint = TritonEndpoint(server.grpc_url, MODEL_NAME)
         try:
             return await _collect(endpoint, GenerateRequest(list(range(2000, 2040)), 0, prefix_len=40,
                                                             prefix_priority=90, request_id="warm-test"))
@@ -149,7 +145,7 @@ def test_prefill_only_request_sends_the_prefix_fields(triton):
     chunks = asyncio.run(run())
     assert [c.token_ids for c in chunks] == [[]]
     assert chunks[0].final
-    logged = next(r for r in requests_logged(model) if r["id"] == "warm-test")
+    logged = next(r for r in model.requests() if r["id"] == "warm-test")
     assert logged == {"id": "warm-test", "prompt": 40, "prefix_len": 40, "priority": 90, "max_tokens": 0}
 
 
@@ -157,7 +153,7 @@ def test_model_error_is_reported_as_such(triton):
     server, _model = triton
 
     async def run() -> None:
-        endpoint = TritonEndpoint(server.grpc_url, "canned")
+        endpoint = TritonEndpoint(server.grpc_url, MODEL_NAME)
         try:
             await _collect(endpoint, GenerateRequest(_prompt(FAIL), 64))
         finally:
@@ -171,11 +167,11 @@ def test_timeout_cancels_the_request_in_triton(triton):
     server, model = triton
 
     async def run() -> None:
-        endpoint = TritonEndpoint(server.grpc_url, "canned")
+        endpoint = TritonEndpoint(server.grpc_url, MODEL_NAME)
         try:
             with pytest.raises(TritonTimeout):
                 await _collect(endpoint, GenerateRequest(_prompt(SLOW), 1024, request_id="times-out"), timeout=0.3)
-            assert await wait_for(lambda: "times-out" in model.log_lines("cancelled.log"))
+            assert await wait_for(lambda: "times-out" in model.cancelled())
         finally:
             await endpoint.close()
 
@@ -186,13 +182,13 @@ def test_leaving_the_stream_early_cancels_the_request(triton):
     server, model = triton
 
     async def run() -> None:
-        endpoint = TritonEndpoint(server.grpc_url, "canned")
+        endpoint = TritonEndpoint(server.grpc_url, MODEL_NAME)
         try:
             stream = endpoint.generate(GenerateRequest(_prompt(SLOW), 1024, request_id="left-early"), 10)
             async with contextlib.aclosing(stream) as chunks:
                 async for _chunk in chunks:
                     break
-            assert await wait_for(lambda: "left-early" in model.log_lines("cancelled.log"))
+            assert await wait_for(lambda: "left-early" in model.cancelled())
         finally:
             await endpoint.close()
 
@@ -203,7 +199,7 @@ def test_probes_and_model_parameters(triton):
     server, _model = triton
 
     async def run() -> tuple[bool, bool, dict[str, str]]:
-        endpoint = TritonEndpoint(server.grpc_url, "canned")
+        endpoint = TritonEndpoint(server.grpc_url, MODEL_NAME)
         missing = TritonEndpoint(server.grpc_url, "no-such-model")
         try:
             return await endpoint.ready(), await missing.ready(), await endpoint.parameters()
@@ -213,12 +209,13 @@ def test_probes_and_model_parameters(triton):
 
     ready, missing_ready, parameters = asyncio.run(run())
     assert ready and not missing_ready
-    assert parameters == {"model_fingerprint": FINGERPRINT}
+    assert parameters == {FINGERPRINT_PARAMETER: FINGERPRINT, SETTINGS_PARAMETER: SETTINGS_FILE,
+                          MAX_CONTEXT_PARAMETER: "8192"}
 
 
 def test_unreachable_endpoint_is_unavailable_at_once():
     async def run() -> tuple[bool, float]:
-        endpoint = TritonEndpoint("127.0.0.1:9", "canned")  # the discard port: nothing listens there
+        endpoint = TritonEndpoint("127.0.0.1:9", MODEL_NAME)  # the discard port: nothing listens there
         try:
             started = asyncio.get_running_loop().time()
             with pytest.raises(EndpointUnavailable):

@@ -8,18 +8,27 @@ should keep cached at `prefix_priority` (0 to 100, TensorRT-LLM's retention scal
 says how many prompt tokens were served from cache; the last chunk carries the finish reason. `max_tokens == 0`
 is a prefill-only request: it computes (and caches) the prompt and generates nothing, which is how a policy prefix
 is warmed when it is activated.
+
+`RequestBook` is the book-keeping every executor keeps the same way (requests in flight by id, counters, the closed
+flag), so each rule about it is written once, here.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+import math
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
 
 from classification.tokens import STOP_TOKEN_IDS
 
 DEFAULT_PREFIX_PRIORITY = 35  # TensorRT-LLM's default retention priority
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
+# The counters every executor's stats() reports; an executor may add its own after them.
+COUNTERS = ("requests_finished", *(f"finished_{reason}" for reason in FINISH_REASONS), "prompt_tokens",
+            "prompt_tokens_cached", "prompt_tokens_computed", "generated_tokens")
 
 
 class RequestError(ValueError):
@@ -31,6 +40,15 @@ class SamplingParams:
     temperature: float = 0.0  # 0 means greedy
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = STOP_TOKEN_IDS
+
+    def validate(self) -> None:
+        """Raise RequestError for settings no executor can sample with."""
+        if not math.isfinite(self.temperature):
+            raise RequestError(f"temperature must be a finite number, got {self.temperature}")
+        if self.temperature < 0:
+            raise RequestError(f"temperature must be 0 (greedy) or more, got {self.temperature}")
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise RequestError(f"seed must be within 0..2**64-1, got {self.seed}")
 
 
 @dataclass(frozen=True)
@@ -59,8 +77,7 @@ class GenerationRequest:
             raise RequestError(f"prefix_len {self.prefix_len} is outside 0..{len(self.input_ids)}")
         if not 0 <= self.prefix_priority <= 100:
             raise RequestError(f"prefix_priority must be within 0..100, got {self.prefix_priority}")
-        if self.sampling.temperature < 0:
-            raise RequestError(f"temperature must be 0 (greedy) or more, got {self.sampling.temperature}")
+        self.sampling.validate()
 
 
 @dataclass(frozen=True)
@@ -94,3 +111,72 @@ class Executor(abc.ABC):
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release the model; requests still running are cancelled."""
+
+
+class Cancellable(Protocol):
+    def cancel(self) -> None:
+        """Ask this request to stop; thread-safe."""
+
+
+T = TypeVar("T", bound=Cancellable)
+
+
+class RequestBook(Generic[T]):
+    """An executor's requests in flight by id (ids are the caller's and need not be unique), its counters and its
+    closed flag, under one lock. Thread-safe. `lock` is reentrant and public, so an executor can keep figures of its
+    own consistent with the book's."""
+
+    def __init__(self, executor: str, extra_counters: Sequence[str] = ()):
+        self.executor = executor  # names the executor in errors
+        self.lock = threading.RLock()
+        self._in_flight: dict[str, list[T]] = {}
+        self._counts = dict.fromkeys((*COUNTERS, *extra_counters), 0)
+        self._closed = False
+
+    def open(self, request_id: str, item: T, then: Callable[[], object] | None = None) -> None:
+        """Track a new request, then run `then` under the lock (so close() cannot come between the two); raises
+        RuntimeError once the executor is closed."""
+        with self.lock:
+            if self._closed:
+                raise RuntimeError(f"the {self.executor} executor is closed")
+            self._in_flight.setdefault(request_id, []).append(item)
+            if then is not None:
+                then()
+
+    def done(self, request_id: str, item: T, finish: str, **amounts: int) -> None:
+        """Stop tracking a request and count it finished with `finish`, adding `amounts` to the counters."""
+        with self.lock:
+            same_id = self._in_flight[request_id]
+            same_id.remove(item)
+            if not same_id:
+                del self._in_flight[request_id]
+            self.count(requests_finished=1, **{f"finished_{finish}": 1}, **amounts)
+
+    def count(self, **amounts: int) -> None:
+        with self.lock:
+            for name, amount in amounts.items():
+                self._counts[name] += amount
+
+    def cancel(self, request_id: str) -> bool:
+        """Cancel every request in flight with this id; False when there is none."""
+        with self.lock:
+            items = list(self._in_flight.get(request_id, ()))
+        for item in items:
+            item.cancel()
+        return bool(items)
+
+    def close(self) -> bool:
+        """Refuse new requests and cancel those in flight; False when the book was closed already."""
+        with self.lock:
+            if self._closed:
+                return False
+            self._closed = True
+            items = [item for same_id in self._in_flight.values() for item in same_id]
+        for item in items:
+            item.cancel()
+        return True
+
+    def figures(self) -> tuple[dict[str, int], int]:
+        """A copy of the counters, and how many requests are in flight."""
+        with self.lock:
+            return dict(self._counts), sum(len(same_id) for same_id in self._in_flight.values())

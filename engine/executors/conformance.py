@@ -1,9 +1,9 @@
 """The executor conformance suite: what any executor must do, checked against a live instance.
 
-CI runs it on the reference executor (tests/test_conformance.py); `appliance selftest --repo REPO` runs it on a GPU
-host against the executor a built repository names. The checks only use the `Executor` interface and compare an
-executor with itself (same request twice, cached against uncached, alone against concurrent), so they hold for
-any backend and need no reference outputs.
+CI runs it on the reference and canned executors (tests/test_conformance.py); `appliance selftest --repo REPO` runs
+it on a GPU host against the executor a built repository names. The checks only use the `Executor` interface and
+compare an executor with itself (same request twice, cached against uncached, alone against concurrent), so they
+hold for any backend and need no reference outputs.
 
 Executors differ in one documented way: TensorRT-LLM reuses KV cache in whole blocks, so a warm request may report
 fewer cached tokens than its prefix (the prefix rounded down to a block). The reference executor caches the exact

@@ -17,6 +17,10 @@ def create_executor(settings: EngineSettings) -> Executor:
         from engine.executors.reference import ReferenceExecutor
 
         return ReferenceExecutor(settings)
+    if settings.executor == "canned":
+        from engine.executors.canned import CannedExecutor
+
+        return CannedExecutor(settings)
     from engine.executors.trtllm import TrtllmExecutor
 
     return TrtllmExecutor(settings)

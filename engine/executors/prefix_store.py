@@ -1,6 +1,7 @@
 """The reference executor's prefix KV store: pristine caches of policy prefixes, reused by copy.
 
-An entry is the transformers cache left after prefilling a prefix alone, keyed by sha256 over the prefix token ids.
+An entry is the transformers cache left after prefilling a prefix alone, keyed by `classification.render.prefix_key`
+(the model fingerprint and the prefix ids: the key the front end routes by).
 The store never hands out or keeps a caller's object: `put` keeps its own compacted copy and `get` returns a fresh
 deep copy, because decoding grows a cache in place and reusing one object for a second request silently corrupts
 its results (research/feasibility.md §3).
@@ -21,20 +22,13 @@ Budget and eviction:
 from __future__ import annotations
 
 import copy
-import hashlib
 import itertools
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from transformers import Cache
-
-
-def prefix_key(ids: Sequence[int]) -> str:
-    """sha256 hex over the prefix ids as little-endian int32: the same ids always give the same key."""
-    return hashlib.sha256(np.asarray(ids, dtype="<i4").tobytes()).hexdigest()
 
 
 def kv_tensors(cache: Cache) -> Iterator[torch.Tensor]:

@@ -37,7 +37,6 @@ import asyncio
 import concurrent.futures
 import json
 import logging
-import math
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -46,14 +45,12 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, Cache, DynamicCache, Mxfp4Config
 
-from engine.executors.base import Executor, GenerationChunk, GenerationRequest, RequestError, SamplingParams
-from engine.executors.prefix_store import PrefixStore, prefix_key
+from classification.render import prefix_key
+from engine.executors.base import Executor, GenerationChunk, GenerationRequest, RequestBook, SamplingParams
+from engine.executors.prefix_store import PrefixStore
 from engine.settings import EngineSettings, SettingsError
 
 log = logging.getLogger(__name__)
-
-_COUNTERS = ("requests_finished", "finished_stop", "finished_length", "finished_cancelled", "finished_error",
-             "prompt_tokens", "prompt_tokens_cached", "prompt_tokens_computed", "generated_tokens")
 
 
 def cpu_has_bf16() -> bool:
@@ -94,6 +91,9 @@ class _Job:
     cached_tokens: int = 0
     started: bool = False  # the first chunk (carrying cached_tokens) has been sent
 
+    def cancel(self) -> None:
+        self.cancelled.set()
+
     def send(self, tokens: tuple[int, ...] = (), finish: str | None = None, error: str | None = None) -> None:
         chunk = GenerationChunk(tokens, None if self.started else self.cached_tokens, finish, error)
         self.started = True
@@ -128,11 +128,8 @@ class ReferenceExecutor(Executor):
         self.threads_per_worker = max(1, torch.get_num_threads() // settings.max_concurrency)
         initializer = (lambda: torch.set_num_threads(self.threads_per_worker)) if self.device.type == "cpu" else None
         self._pool = concurrent.futures.ThreadPoolExecutor(settings.max_concurrency, "reference-executor", initializer)
-        self._lock = threading.Lock()
-        self._jobs: dict[str, list[_Job]] = {}
-        self._running = 0
-        self._counts = dict.fromkeys(_COUNTERS, 0)
-        self._closed = False
+        self._book: RequestBook[_Job] = RequestBook("reference")
+        self._running = 0  # jobs a worker has taken up; the others in the book wait in the pool's queue
 
     # -- Executor API --------------------------------------------------------------------------------------------
 
@@ -142,34 +139,22 @@ class ReferenceExecutor(Executor):
         return self._stream(request)
 
     def cancel(self, request_id: str) -> bool:
-        """Cancel every running or waiting request with this id (ids are the caller's and need not be unique)."""
-        with self._lock:
-            jobs = list(self._jobs.get(request_id, ()))
-        for job in jobs:
-            job.cancelled.set()
-        return bool(jobs)
+        """Cancel every running or waiting request with this id."""
+        return self._book.cancel(request_id)
 
     def stats(self) -> dict[str, float]:
-        with self._lock:
-            waiting = sum(len(jobs) for jobs in self._jobs.values()) - self._running
-            ours = {**self._counts, "requests_running": self._running, "requests_waiting": waiting}
+        with self._book.lock:
+            counts, in_flight = self._book.figures()
+            ours = {**counts, "requests_running": self._running, "requests_waiting": in_flight - self._running}
         return {**ours, **{f"prefix_cache_{k}": v for k, v in self.store.stats().items()}}
 
     async def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            jobs = [job for same_id in self._jobs.values() for job in same_id]
-        for job in jobs:
-            job.cancelled.set()
         # Waiting jobs still run, see their flag at once and end their streams with "cancelled".
+        self._book.close()
         await asyncio.to_thread(self._pool.shutdown, True)
 
     def validate(self, request: GenerationRequest) -> None:
         request.validate(self.vocab_size, self.max_context)
-        if not math.isfinite(request.sampling.temperature):
-            raise RequestError(f"temperature must be a finite number, got {request.sampling.temperature}")
-        if request.sampling.seed is not None and not 0 <= request.sampling.seed < 2**64:
-            raise RequestError(f"seed must be within 0..2**64-1, got {request.sampling.seed}")
 
     # -- the event-loop side ----------------------------------------------------------------------------------------
 
@@ -177,12 +162,8 @@ class ReferenceExecutor(Executor):
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[GenerationChunk] = asyncio.Queue()
         job = _Job(request, lambda chunk: loop.call_soon_threadsafe(queue.put_nowait, chunk))
-        with self._lock:
-            # Submitting under the lock means close() cannot shut the pool between the check and the submit.
-            if self._closed:
-                raise RuntimeError("the reference executor is closed")
-            self._jobs.setdefault(request.request_id, []).append(job)
-            self._pool.submit(self._serve, job)
+        # Submitting under the book's lock means close() cannot shut the pool between the check and the submit.
+        self._book.open(request.request_id, job, lambda: self._pool.submit(self._serve, job))
         try:
             while True:
                 chunk = await queue.get()
@@ -195,7 +176,7 @@ class ReferenceExecutor(Executor):
     # -- the worker side --------------------------------------------------------------------------------------------
 
     def _serve(self, job: _Job) -> None:
-        with self._lock:
+        with self._book.lock:
             self._running += 1
         try:
             with torch.inference_mode():
@@ -204,14 +185,9 @@ class ReferenceExecutor(Executor):
             log.exception("request %s failed", job.request.request_id)
             ending = _Ending("error", error=f"model failure: {type(exc).__name__}: {exc}")
         # Book-keeping first, so a reader who sees the final chunk also sees the request counted as finished.
-        with self._lock:
+        with self._book.lock:
             self._running -= 1
-            same_id = self._jobs[job.request.request_id]
-            same_id.remove(job)
-            if not same_id:
-                del self._jobs[job.request.request_id]
-            self._counts["requests_finished"] += 1
-            self._counts[f"finished_{ending.finish}"] += 1
+            self._book.done(job.request.request_id, job, ending.finish)
         job.send(ending.tokens, ending.finish, ending.error)
 
     def _run(self, job: _Job) -> _Ending:
@@ -230,7 +206,7 @@ class ReferenceExecutor(Executor):
         logits = None
         computed = 0
         if plen:
-            key = prefix_key(ids[:plen])
+            key = prefix_key(self.settings.model_fingerprint, ids[:plen])
             if plen < len(ids) or not generates:
                 cache = self.store.get(key, request.prefix_priority)
             if cache is not None:
@@ -244,7 +220,8 @@ class ReferenceExecutor(Executor):
         if generates and plen < len(ids):
             logits = self._forward(ids[plen:], cache)
             computed += len(ids) - plen
-        self._count(prompt_tokens=len(ids), prompt_tokens_cached=job.cached_tokens, prompt_tokens_computed=computed)
+        self._book.count(prompt_tokens=len(ids), prompt_tokens_cached=job.cached_tokens,
+                         prompt_tokens_computed=computed)
         return cache, logits
 
     def _decode(self, job: _Job, cache: Cache, logits: torch.Tensor | None) -> _Ending:
@@ -256,7 +233,7 @@ class ReferenceExecutor(Executor):
             if job.cancelled.is_set():
                 return _Ending("cancelled")
             token = pick(logits)
-            self._count(generated_tokens=1)
+            self._book.count(generated_tokens=1)
             if token in stops:
                 return _Ending("stop", (token,))
             if step + 1 == request.max_tokens:
@@ -284,8 +261,3 @@ class ReferenceExecutor(Executor):
             return int(torch.multinomial(probs, 1, generator=generator))
 
         return sample
-
-    def _count(self, **amounts: int) -> None:
-        with self._lock:
-            for name, amount in amounts.items():
-                self._counts[name] += amount

@@ -30,22 +30,18 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
-import math
-import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
 from engine.checkpoint.config import load_config
-from engine.executors.base import Executor, GenerationChunk, GenerationRequest, RequestError
+from engine.executors.base import Executor, GenerationChunk, GenerationRequest, RequestBook, RequestError
 from engine.settings import EngineSettings, SettingsError
 
 log = logging.getLogger(__name__)
 
-_COUNTERS = ("requests_finished", "finished_stop", "finished_length", "finished_cancelled", "finished_error",
-             "prompt_tokens", "prompt_tokens_cached", "prompt_tokens_computed", "generated_tokens",
-             "kv_blocks_reused", "kv_blocks_missed")
+_KV_COUNTERS = ("kv_blocks_reused", "kv_blocks_missed")  # after the counters every executor keeps
 
 # LLM() arguments the executor sets itself: the engine settings must not override them.
 _OWNED_KWARGS = ("model", "tokenizer", "skip_tokenizer_init")
@@ -90,7 +86,7 @@ def finish_reason(trtllm_reason: str | None) -> tuple[str, str | None]:
 
 @dataclass(eq=False)
 class _Stream:
-    """One request between `generate()` and its final chunk; its methods run on the stream's event loop."""
+    """One request between `generate()` and its final chunk; its methods but `cancel` run on the stream's loop."""
 
     request: GenerationRequest
     loop: asyncio.AbstractEventLoop
@@ -99,6 +95,10 @@ class _Stream:
     aborted: bool = False
 
     def cancel(self) -> None:
+        """Thread-safe."""
+        self.loop.call_soon_threadsafe(self._stop)
+
+    def _stop(self) -> None:
         self.cancelled.set()
         self.abort()
 
@@ -161,10 +161,7 @@ class TrtllmExecutor(Executor):
         # Without chunked prefill TensorRT-LLM refuses a prompt longer than one iteration's token budget.
         self.max_prompt = None if kwargs.get("enable_chunked_prefill") else kwargs.get("max_num_tokens")
         self._llm = self._llmapi.LLM(**kwargs)
-        self._lock = threading.Lock()
-        self._streams: dict[str, list[_Stream]] = {}
-        self._counts = dict.fromkeys(_COUNTERS, 0)
-        self._closed = False
+        self._book: RequestBook[_Stream] = RequestBook("TensorRT-LLM", _KV_COUNTERS)
 
     # -- Executor API --------------------------------------------------------------------------------------------
 
@@ -174,33 +171,18 @@ class TrtllmExecutor(Executor):
         return self._stream(request)
 
     def cancel(self, request_id: str) -> bool:
-        with self._lock:
-            streams = list(self._streams.get(request_id, ()))
-        for stream in streams:
-            stream.loop.call_soon_threadsafe(stream.cancel)
-        return bool(streams)
+        return self._book.cancel(request_id)
 
     def stats(self) -> dict[str, float]:
-        with self._lock:
-            running = sum(len(streams) for streams in self._streams.values())
-            return {**self._counts, "requests_running": running}
+        counts, running = self._book.figures()
+        return {**counts, "requests_running": running}
 
     async def close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            streams = [stream for same_id in self._streams.values() for stream in same_id]
-        for stream in streams:
-            stream.loop.call_soon_threadsafe(stream.cancel)
-        await asyncio.to_thread(self._llm.shutdown)
+        if self._book.close():
+            await asyncio.to_thread(self._llm.shutdown)
 
     def validate(self, request: GenerationRequest) -> None:
         request.validate(self.vocab_size, self.max_context)
-        if not math.isfinite(request.sampling.temperature):
-            raise RequestError(f"temperature must be a finite number, got {request.sampling.temperature}")
-        if request.sampling.seed is not None and not 0 <= request.sampling.seed < 2**64:
-            raise RequestError(f"seed must be within 0..2**64-1, got {request.sampling.seed}")
         if request.max_tokens == 0 and len(request.input_ids) >= self.max_context:
             raise RequestError(f"a prefill-only request needs one free position after the prompt: TensorRT-LLM "
                                f"always generates a token; the context limit is {self.max_context}")
@@ -212,10 +194,7 @@ class TrtllmExecutor(Executor):
 
     async def _stream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         stream = _Stream(request, asyncio.get_running_loop())
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("the TensorRT-LLM executor is closed")
-            self._streams.setdefault(request.request_id, []).append(stream)
+        self._book.open(request.request_id, stream)
         tally = _Tally("cancelled")  # what a reader that leaves before the final chunk amounts to
         try:
             async for chunk in self._relay(stream, tally):
@@ -300,17 +279,7 @@ class TrtllmExecutor(Executor):
 
     def _finish(self, stream: _Stream, tally: _Tally) -> None:
         prompt = len(stream.request.input_ids)
-        with self._lock:
-            same_id = self._streams[stream.request.request_id]
-            same_id.remove(stream)
-            if not same_id:
-                del self._streams[stream.request.request_id]
-            counts = self._counts
-            counts["requests_finished"] += 1
-            counts[f"finished_{tally.finish}"] += 1
-            counts["prompt_tokens"] += prompt
-            counts["prompt_tokens_cached"] += tally.cached
-            counts["prompt_tokens_computed"] += prompt - tally.cached
-            counts["generated_tokens"] += tally.generated
-            counts["kv_blocks_reused"] += tally.reused_blocks
-            counts["kv_blocks_missed"] += tally.missed_blocks
+        self._book.done(stream.request.request_id, stream, tally.finish, prompt_tokens=prompt,
+                        prompt_tokens_cached=tally.cached, prompt_tokens_computed=prompt - tally.cached,
+                        generated_tokens=tally.generated, kv_blocks_reused=tally.reused_blocks,
+                        kv_blocks_missed=tally.missed_blocks)

@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import math
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -59,6 +58,18 @@ except ImportError:  # outside Triton: the helpers below are still usable
 
 CANCEL_POLL_S = 0.05  # how often running requests are checked for client cancellation
 SHUTDOWN_TIMEOUT_S = 30.0
+_SERIAL_SEPARATOR = "#"
+
+
+def executor_request_id(triton_request_id: str, serial: int) -> str:
+    """The id the executor knows a Triton request by: the client's id (which need not be unique, or even given)
+    made unique by the model's serial number for the request."""
+    return f"{triton_request_id or 'request'}{_SERIAL_SEPARATOR}{serial}"
+
+
+def triton_request_id(request_id: str) -> str:
+    """The client's id back from `executor_request_id` ("request" when the client gave none)."""
+    return request_id.rpartition(_SERIAL_SEPARATOR)[0]
 
 
 def generation_request(request_id: str, arrays: Mapping[str, np.ndarray]) -> GenerationRequest:
@@ -79,15 +90,13 @@ def generation_request(request_id: str, arrays: Mapping[str, np.ndarray]) -> Gen
     def scalar(name: str) -> Any:
         return arrays[name].reshape(-1)[0].item()
 
-    temperature = float(scalar("temperature")) if "temperature" in arrays else 0.0
-    if not math.isfinite(temperature):
-        raise RequestError(f"temperature must be a finite number, got {temperature}")
     stop = arrays.get("stop_token_ids")
     sampling = SamplingParams(
-        temperature=temperature,
+        temperature=float(scalar("temperature")) if "temperature" in arrays else 0.0,
         seed=int(scalar("seed")) if "seed" in arrays else None,
         stop_token_ids=STOP_TOKEN_IDS if stop is None else tuple(int(t) for t in stop.tolist()),
     )
+    sampling.validate()  # early, so a bad value is refused before the request is queued
     return GenerationRequest(
         request_id=request_id,
         input_ids=tuple(int(t) for t in arrays["input_ids"].tolist()),
@@ -145,7 +154,7 @@ class TritonPythonModel:
     def execute(self, requests: list[Any]) -> None:
         for request in requests:
             sender = request.get_response_sender()
-            request_id = f"{request.request_id() or 'request'}#{next(self._ids)}"
+            request_id = executor_request_id(request.request_id(), next(self._ids))
             try:
                 arrays = {spec.name: tensor.as_numpy() for spec in INPUTS
                           if (tensor := pb_utils.get_input_tensor_by_name(request, spec.name)) is not None}
