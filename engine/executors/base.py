@@ -180,3 +180,28 @@ class RequestBook(Generic[T]):
         """A copy of the counters, and how many requests are in flight."""
         with self.lock:
             return dict(self._counts), sum(len(same_id) for same_id in self._in_flight.values())
+
+
+class BookedExecutor(Executor):
+    """An executor whose requests live in a `RequestBook`: validation before any work, cancellation by id, and the
+    closed flag are the same for every executor; each supplies `_stream` (and may add checks to `validate`)."""
+
+    vocab_size: int
+    max_context: int
+    _book: RequestBook
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        """Validate now (RequestError), then stream."""
+        self.validate(request)
+        return self._stream(request)
+
+    def cancel(self, request_id: str) -> bool:
+        """Cancel every running or waiting request with this id."""
+        return self._book.cancel(request_id)
+
+    def validate(self, request: GenerationRequest) -> None:
+        request.validate(self.vocab_size, self.max_context)
+
+    @abc.abstractmethod
+    def _stream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        """The answer to a validated request."""

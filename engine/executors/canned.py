@@ -32,7 +32,7 @@ from typing import Any
 
 from classification.render import prefix_key
 from classification.tokens import VOCAB_SIZE
-from engine.executors.base import Executor, GenerationChunk, GenerationRequest, RequestBook
+from engine.executors.base import BookedExecutor, GenerationChunk, GenerationRequest, RequestBook
 from engine.settings import EngineSettings, SettingsError
 
 REQUESTS_LOG = "requests.log"
@@ -120,7 +120,7 @@ class _Tally:
     generated: int = 0
 
 
-class CannedExecutor(Executor):
+class CannedExecutor(BookedExecutor):
     def __init__(self, settings: EngineSettings):
         if settings.executor != "canned":
             raise SettingsError(f"CannedExecutor needs executor 'canned', got {settings.executor!r}")
@@ -138,13 +138,6 @@ class CannedExecutor(Executor):
         self._seen: set[str] = set()
         self._lock = threading.Lock()  # the seen prefixes and the log files
         self._book: RequestBook[_Job] = RequestBook("canned")
-
-    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        request.validate(self.vocab_size, self.max_context)
-        return self._stream(request)
-
-    def cancel(self, request_id: str) -> bool:
-        return self._book.cancel(request_id)
 
     def stats(self) -> dict[str, float]:
         counts, running = self._book.figures()

@@ -46,7 +46,7 @@ import torch
 from transformers import AutoModelForCausalLM, Cache, DynamicCache, Mxfp4Config
 
 from classification.render import prefix_key
-from engine.executors.base import Executor, GenerationChunk, GenerationRequest, RequestBook, SamplingParams
+from engine.executors.base import BookedExecutor, GenerationChunk, GenerationRequest, RequestBook, SamplingParams
 from engine.executors.prefix_store import PrefixStore
 from engine.settings import EngineSettings, SettingsError
 
@@ -112,7 +112,7 @@ class _Ending:
     error: str | None = None
 
 
-class ReferenceExecutor(Executor):
+class ReferenceExecutor(BookedExecutor):
     """transformers model, prefix store and worker pool; `model`, `store` and `config` are public for tests and
     benchmarks (swapping `store` for an empty one is how they start cold)."""
 
@@ -133,15 +133,6 @@ class ReferenceExecutor(Executor):
 
     # -- Executor API --------------------------------------------------------------------------------------------
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        """Validate now (RequestError), then stream. Model work happens in the worker pool, never on the loop."""
-        self.validate(request)
-        return self._stream(request)
-
-    def cancel(self, request_id: str) -> bool:
-        """Cancel every running or waiting request with this id."""
-        return self._book.cancel(request_id)
-
     def stats(self) -> dict[str, float]:
         with self._book.lock:
             counts, in_flight = self._book.figures()
@@ -152,9 +143,6 @@ class ReferenceExecutor(Executor):
         # Waiting jobs still run, see their flag at once and end their streams with "cancelled".
         self._book.close()
         await asyncio.to_thread(self._pool.shutdown, True)
-
-    def validate(self, request: GenerationRequest) -> None:
-        request.validate(self.vocab_size, self.max_context)
 
     # -- the event-loop side ----------------------------------------------------------------------------------------
 

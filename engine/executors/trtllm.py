@@ -36,7 +36,7 @@ from types import ModuleType
 from typing import Any
 
 from engine.checkpoint.config import load_config
-from engine.executors.base import Executor, GenerationChunk, GenerationRequest, RequestBook, RequestError
+from engine.executors.base import BookedExecutor, GenerationChunk, GenerationRequest, RequestBook, RequestError
 from engine.settings import EngineSettings, SettingsError
 
 log = logging.getLogger(__name__)
@@ -146,7 +146,7 @@ def _ending(request: GenerationRequest, completion: Any, tally: _Tally) -> tuple
     return finish, error
 
 
-class TrtllmExecutor(Executor):
+class TrtllmExecutor(BookedExecutor):
     def __init__(self, settings: EngineSettings):
         if settings.executor != "trtllm":
             raise SettingsError(f"TrtllmExecutor needs executor 'trtllm', got {settings.executor!r}")
@@ -165,14 +165,6 @@ class TrtllmExecutor(Executor):
 
     # -- Executor API --------------------------------------------------------------------------------------------
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        """Validate now (RequestError), then stream."""
-        self.validate(request)
-        return self._stream(request)
-
-    def cancel(self, request_id: str) -> bool:
-        return self._book.cancel(request_id)
-
     def stats(self) -> dict[str, float]:
         counts, running = self._book.figures()
         return {**counts, "requests_running": running}
@@ -182,7 +174,7 @@ class TrtllmExecutor(Executor):
             await asyncio.to_thread(self._llm.shutdown)
 
     def validate(self, request: GenerationRequest) -> None:
-        request.validate(self.vocab_size, self.max_context)
+        super().validate(request)
         if request.max_tokens == 0 and len(request.input_ids) >= self.max_context:
             raise RequestError(f"a prefill-only request needs one free position after the prompt: TensorRT-LLM "
                                f"always generates a token; the context limit is {self.max_context}")
