@@ -45,3 +45,11 @@ class DeadlineExceeded(ServiceError):
 
 class Internal(ServiceError):
     code = "INTERNAL"
+
+
+class Unauthenticated(ServiceError):
+    code = "UNAUTHENTICATED"
+
+
+class PermissionDenied(ServiceError):
+    code = "PERMISSION_DENIED"

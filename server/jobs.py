@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from classification.content import Content
 from classification.verdict import Verdict
 from server.errors import ServiceError
+from server.identity import ANONYMOUS, Identity
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class ClassifyJob:
     request_id: str
     arrival: float  # time.perf_counter() when the request arrived
     deadline: float | None  # time.monotonic() by which the answer is due; None: the settings' default
+    identity: Identity = ANONYMOUS  # who asked: the tenant whose policies it may use, and its limits
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,7 @@ class BatchJob:
     request_id: str
     arrival: float
     deadline: float | None
+    identity: Identity = ANONYMOUS
 
 
 @dataclass(frozen=True)
