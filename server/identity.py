@@ -8,7 +8,10 @@ default tenant, every scope.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Protocol
 
 from server.errors import PermissionDenied
 
@@ -33,3 +36,20 @@ class Identity:
 
 
 ANONYMOUS = Identity("anonymous", DEFAULT_TENANT, frozenset(SCOPES))
+
+
+class Authenticator(Protocol):
+    """One way of establishing who calls (an API key, a client certificate).
+
+    `metadata` is the call's invocation metadata (lower-case keys), `auth_context` the transport's
+    (`ServicerContext.auth_context()`: the peer certificate's subject fields when mTLS is on). Return the identity,
+    None when this authenticator has nothing to say about the call (no key sent, no certificate), or raise
+    `Unauthenticated` when the credential it reads is present but wrong.
+    """
+
+    def __call__(self, metadata: Mapping[str, str], auth_context: Mapping[str, Sequence[bytes]]) -> Identity | None:
+        ...
+
+
+# Set by the authenticating interceptor for the duration of one RPC; the servicer puts it into the job.
+current_identity: ContextVar[Identity] = ContextVar("safeguard_identity", default=ANONYMOUS)
