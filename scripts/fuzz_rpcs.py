@@ -98,6 +98,9 @@ def _report(run: Run) -> int:
     for method in sorted(tally.statuses):
         counts = ", ".join(f"{code} {n}" for code, n in tally.statuses[method].most_common())
         print(f"  {method:<28} {sum(tally.statuses[method].values()):>6}  {counts}")
+        if run.args.details:
+            for code in tally.statuses[method]:
+                print(f"      {code}: {tally.examples.get((method, code), '')[:160]!r}")
     print(f"health NOT_SERVING right after a case (then SERVING again): {run.target.not_serving_seen} times")
     if run.stopped:
         print(f"the front end stopped answering {run.stopped}")
@@ -122,6 +125,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0, help="hypothesis seed, for a repeatable run")
     parser.add_argument("--check-every", type=int, default=20, help="cases between good-Classify checks")
     parser.add_argument("--shrink-calls", type=int, default=150, help="calls spent shrinking each kind of failure")
+    parser.add_argument("--details", action="store_true", help="print the first message seen with each status")
     parser.add_argument("--tmp", help="parent of the temporary directory (default: the system's)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="fuzz-rpcs-", dir=args.tmp) as root:

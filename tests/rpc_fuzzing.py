@@ -35,6 +35,7 @@ CALL_TIMEOUT_S = 30.0  # past it a case counts as a hang
 FRONTEND_START_S = 60.0
 # How long health may stay NOT_SERVING after a case: an activation can leave it so until the next probe.
 SETTLE_S = 5.0
+MAX_DETAILS_CHARS = 8192  # an error message is for a person; gRPC drops any over 16 KiB of metadata
 # Lines the front end writes only when something escaped the error mapping.
 FAULT_MARKERS = ("Traceback", "unexpected error")
 _SERVE = ("import asyncio, json, sys\n"
@@ -59,6 +60,10 @@ def problems(case: Case, outcome: Outcome) -> list[str]:
     bad_items = sorted(set(outcome.item_codes) - EXPECTED_ITEM - {"OK"})
     if bad_items:
         found.append(f"{case.method} item errors {bad_items}")
+    if "metadata size exceeds" in outcome.details:  # the client got gRPC's complaint, not the server's answer
+        found.append(f"{case.method}: the error message is too long to deliver: {outcome.details[:200]}")
+    elif len(outcome.details) > MAX_DETAILS_CHARS:
+        found.append(f"{case.method}: an error message of {len(outcome.details):,} characters")
     if "Traceback" in outcome.details:
         found.append(f"{case.method} details carry a traceback")
     if case.method == "ClassifyStream" and outcome.code == "OK" and outcome.events[-1:] != ("result",):
@@ -79,11 +84,13 @@ class Tally:
     cases: int = 0
     statuses: dict[str, Counter[str]] = field(default_factory=dict)
     failures: list[tuple[Case, list[str]]] = field(default_factory=list)
+    examples: dict[tuple[str, str], str] = field(default_factory=dict)  # the first details per (method, status)
 
     def add(self, case: Case, outcome: Outcome, found: list[str]) -> None:
         self.cases += 1
         key = f"{case.method} (raw bytes)" if case.raw else case.method
         self.statuses.setdefault(key, Counter())[outcome.code] += 1
+        self.examples.setdefault((key, outcome.code), outcome.details)
         if outcome.item_codes:
             self.statuses.setdefault("ClassifyBatch items", Counter()).update(outcome.item_codes)
         if found:
@@ -200,17 +207,41 @@ def _streamed(method: str, answers: list[bytes]) -> Outcome:
 
 # Failures other branches of issue [G] fix: (what, where). The strategies keep producing them.
 KNOWN_BUGS = (("deeply nested TOML front matter answers INTERNAL", "the input helper, classification/policy.py"),)
+ECHO_LIMIT = 1000  # chars; quoted in an error (escaped, then percent-encoded) it nears gRPC's 16 KiB metadata limit
+
+
+def _policy_texts(request: object) -> list[str]:
+    if isinstance(request, pb.PutPolicyRequest):
+        return [request.text]
+    if isinstance(request, pb.ClassifyRequest):
+        return [request.policy.inline_text]
+    if isinstance(request, pb.ClassifyBatchRequest):
+        return [s.inline_text for s in _selectors(request)]
+    return []
+
+
+def _selectors(request: pb.ClassifyBatchRequest) -> list[pb.PolicySelector]:
+    return [*request.policies, *(s for item in request.items for s in item.policies)]
 
 
 def known_bug(case: Case) -> str | None:
     """The known bug `case` runs into, if any."""
-    texts = [case.request.text] if isinstance(case.request, pb.PutPolicyRequest) else []
-    if isinstance(case.request, pb.ClassifyRequest):
-        texts.append(case.request.policy.inline_text)
-    if isinstance(case.request, pb.ClassifyBatchRequest):
-        selectors = [*case.request.policies, *(s for item in case.request.items for s in item.policies)]
-        texts.extend(s.inline_text for s in selectors)
-    if any("[[[[[[[[" in text or "{b = {b = {b = {b =" in text for text in texts):
+    if any("[[[[[[[[" in text or "{b = {b = {b = {b =" in text for text in _policy_texts(case.request)):
         what, where = KNOWN_BUGS[0]
         return f"{what} ({where})"
     return None
+
+
+def echoes_long_string(case: Case) -> bool:
+    """Whether `case` carries a policy ref, id, version or front matter an error message may quote back whole."""
+    request = case.request
+    quoted: list[str] = [text.partition("\n+++")[0] for text in _policy_texts(request)]
+    if isinstance(request, pb.ClassifyRequest):
+        quoted.append(request.policy.ref)
+    elif isinstance(request, pb.ClassifyBatchRequest):
+        quoted.extend(s.ref for s in _selectors(request))
+    elif isinstance(request, pb.GetPolicyRequest):
+        quoted.append(request.ref)
+    elif isinstance(request, pb.ActivatePolicyRequest | pb.RollbackPolicyRequest):
+        quoted.extend([request.id, getattr(request, "ref", "")])
+    return any(len(text) > ECHO_LIMIT for text in quoted)

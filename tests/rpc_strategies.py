@@ -10,6 +10,7 @@ the service's honest answer. The slow marker costs seconds per case, so it is le
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,9 +30,11 @@ REQUEST_TYPES: dict[str, type] = {"Classify": pb.ClassifyRequest, "ClassifyStrea
                                   "ActivatePolicy": pb.ActivatePolicyRequest,
                                   "RollbackPolicy": pb.RollbackPolicyRequest}
 
-# What each method may answer. RESOURCE_EXHAUSTED: the in-flight limit, or a message over gRPC's 4 MiB. Never
-# INTERNAL or UNKNOWN (a fault of ours), nor DEADLINE_EXCEEDED (a hang) nor UNAVAILABLE (Triton is up throughout).
-_CLASSIFY = frozenset({"OK", "INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "RESOURCE_EXHAUSTED"})
+# What each method may answer. RESOURCE_EXHAUSTED: the in-flight limit, or a message over gRPC's 4 MiB;
+# ALREADY_EXISTS: a request id already in flight (two batch items with one item_id). Never INTERNAL or UNKNOWN (a
+# fault of ours), nor DEADLINE_EXCEEDED (a hang) nor UNAVAILABLE (Triton is up throughout).
+_CLASSIFY = frozenset({"OK", "INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "RESOURCE_EXHAUSTED",
+                       "ALREADY_EXISTS"})
 _ADMIN = frozenset({"OK", "INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "ALREADY_EXISTS",
                     "RESOURCE_EXHAUSTED"})
 EXPECTED: dict[str, frozenset[str]] = {"Classify": _CLASSIFY, "ClassifyStream": _CLASSIFY, "ClassifyBatch": _CLASSIFY,
@@ -41,7 +44,8 @@ EXPECTED: dict[str, frozenset[str]] = {"Classify": _CLASSIFY, "ClassifyStream": 
 # Bytes that do not parse as the method's request: the server cannot read them, which is the client's fault.
 EXPECTED_RAW = frozenset({"INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"})
 # What one batch item's error may say (a batch answers OK with per-item errors).
-EXPECTED_ITEM = frozenset({"INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "RESOURCE_EXHAUSTED"})
+EXPECTED_ITEM = frozenset({"INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "RESOURCE_EXHAUSTED",
+                           "ALREADY_EXISTS"})
 
 GRPC_MESSAGE_LIMIT = 4 << 20  # the server's default max_receive_message_length
 SMOKE_TEXT = bundled_policy("smoke").read_text(encoding="utf-8")
@@ -76,8 +80,12 @@ class Case:
         """A repro a person can read: huge repeated strings are shown by their length."""
         shown = repr(self.request) if self.raw else (
             f"{type(self.request).__name__}({text_format.MessageToString(self.request, as_one_line=True)})")
+        shown = _RUN.sub(lambda m: f"<{m[1]!r} x {len(m[0]) // len(m[1]):,}>", shown)
         shown = shown if len(shown) <= limit else f"{shown[:limit]}... ({len(shown):,} chars)"
         return f"{self.method}[{self.label or 'random'}] {shown}"
+
+
+_RUN = re.compile(r"(.{1,12}?)\1{15,}", re.DOTALL)  # a unit repeated: shown as <unit x count>
 
 
 # -- text ---------------------------------------------------------------------------------------------------------
@@ -164,7 +172,7 @@ refs = st.one_of(
     st.sampled_from(["smoke", "smoke@1.0.0", f"smoke@{SMOKE_SHA[:12]}", f"smoke@{SMOKE_SHA}", "smoke@0", "ghost",
                      "", "@", "smoke@", "@1.0.0", "smoke@@1", " smoke ", "SMOKE", "smoke@1.0.0@x", "self-harm",
                      "smoke\x00", "smoke\u202e", "../smoke", "smoke@" + "f" * 64]),
-    odd_text, st.tuples(st.just("smoke@"), odd_text).map("".join))
+    odd_text, st.tuples(st.just("smoke@"), odd_text | huge_text()).map("".join), huge_text())
 selectors = st.one_of(
     refs.map(lambda r: pb.PolicySelector(ref=r)),
     policy_texts.map(lambda t: pb.PolicySelector(inline_text=t)),
@@ -236,9 +244,10 @@ def many_items(draw: st.DrawFn) -> pb.ClassifyBatchRequest:
 
 
 LIBRARY_IDS = tuple(p.stem for p in bundled_policies())
-ids = st.one_of(st.sampled_from(LIBRARY_IDS), st.sampled_from(["smoke", "ghost", "", "SMOKE", "smoke "]), odd_text)
+ids = st.one_of(st.sampled_from(LIBRARY_IDS), st.sampled_from(["smoke", "ghost", "", "SMOKE", "smoke "]), odd_text,
+                huge_text())
 versions = st.one_of(st.sampled_from(["1.0.0", SMOKE_SHA[:8], SMOKE_SHA]),
-                     st.sampled_from(["", "latest", "@", "0" * 65, "1.0.0 "]), odd_text)
+                     st.sampled_from(["", "latest", "@", "0" * 65, "1.0.0 "]), odd_text, huge_text())
 
 
 @st.composite

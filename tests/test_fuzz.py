@@ -16,15 +16,23 @@ from collections.abc import Iterator
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from rpc_fuzzing import REPO, FuzzTarget, known_bug, problems
-from rpc_strategies import METHODS, Case, cases, raw_payloads
+from rpc_fuzzing import REPO, FuzzTarget, echoes_long_string, known_bug, problems
+from rpc_strategies import METHODS, Case, cases, huge_text, raw_payloads
+
+from server.generated.safeguard.v1 import safeguard_pb2 as pb
 
 CI_CASES = 200
 CI = settings(max_examples=CI_CASES, derandomize=True, deadline=None, database=None, print_blob=True,
               suppress_health_check=list(HealthCheck))
+# Two bugs this fuzzing found, reported for fixing in files outside this branch; each has a strict xfail below that
+# starts failing once its fix lands; then set its flag to True, which puts those cases back in the main property.
 # Bytes that do not parse answer UNKNOWN (gRPC's own deserializer raises before our status mapping runs) until
-# server/servicer.py's StatusInterceptor wraps the request deserializer; then remove this and the xfail below.
+# server/servicer.py's StatusInterceptor wraps the request deserializer.
 UNDECODABLE_FIXED = False
+# Error messages quote request strings whole ("unknown policy '<1 MB id>'"): past gRPC's 16 KiB metadata limit
+# the client gets RESOURCE_EXHAUSTED "Stream removed" instead of the status, until server/registry.py,
+# server/policy_admin.py and classification/policy.py shorten what they quote (or servicer.py's _fail caps it).
+LONG_ECHO_FIXED = False
 
 pytestmark = pytest.mark.filterwarnings("ignore:Generating overly large repr")
 
@@ -52,6 +60,7 @@ def test_every_rpc_answers_hostile_input_with_an_expected_status(target):
         # PolicyError): deeply nested TOML front matter answers INTERNAL. Remove this assume() once it is merged.
         assume(known_bug(case) is None)
         assume(UNDECODABLE_FIXED or not case.raw)  # see UNDECODABLE_FIXED
+        assume(LONG_ECHO_FIXED or case.raw or not echoes_long_string(case))  # see LONG_ECHO_FIXED
         outcome = runner.run(fuzzed.call(case))
         assert not problems(case, outcome), (case.describe(), problems(case, outcome))
         assert not runner.run(fuzzed.answering(classify=False)), case.describe()
@@ -76,6 +85,27 @@ def test_bytes_that_are_no_request_answer_invalid_argument(target):
 
     refused()
     assert runner.run(fuzzed.answering()) == []
+
+
+@pytest.mark.xfail(not LONG_ECHO_FIXED, strict=True,
+                   reason="errors quote long request strings whole and outgrow gRPC's metadata limit")
+def test_long_refs_and_ids_get_their_status_not_a_dropped_stream(target):
+    runner, fuzzed = target
+
+    @settings(CI, max_examples=12)
+    @given(st.sampled_from(["GetPolicy", "ActivatePolicy", "RollbackPolicy", "Classify"]), huge_text())
+    def answered(method: str, long: str) -> None:
+        request = {"GetPolicy": lambda: pb.GetPolicyRequest(ref=f"smoke@{long}"),
+                   "ActivatePolicy": lambda: pb.ActivatePolicyRequest(id="smoke", ref=long),
+                   "RollbackPolicy": lambda: pb.RollbackPolicyRequest(id=long),
+                   "Classify": lambda: pb.ClassifyRequest(policy=pb.PolicySelector(ref=long),
+                                                          content=pb.Content(text="hello"))}[method]()
+        case = Case(method, request)
+        assume(echoes_long_string(case))
+        outcome = runner.run(fuzzed.call(case))
+        assert not problems(case, outcome), (case.describe(), outcome)
+
+    answered()
 
 
 def test_fuzz_script_runs_and_reports(tmp_path):
