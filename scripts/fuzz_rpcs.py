@@ -24,7 +24,7 @@ TESTS = Path(__file__).resolve().parents[1] / "tests"
 sys.path.insert(0, str(TESTS))  # the shared strategies and harness live with the tests
 
 from hypothesis import HealthCheck, Phase, find, given, seed, settings  # noqa: E402
-from hypothesis.errors import NoSuchExample, Unsatisfiable  # noqa: E402
+from hypothesis.errors import Flaky, NoSuchExample, Unsatisfiable  # noqa: E402
 from rpc_fuzzing import FuzzTarget, Outcome, Tally, known_bug, problems  # noqa: E402
 from rpc_strategies import Case, cases  # noqa: E402
 
@@ -67,7 +67,8 @@ class Run:
                   f"{rate:.0f} cases/s", file=sys.stderr, flush=True)
 
     def shrink(self, case: Case, found: list[str]) -> Case:
-        """The simplest case of the same method and kind that fails the same way (a bounded number of calls)."""
+        """The simplest case of the same method and kind that fails the same way (a bounded number of calls),
+        against the server as the run left it: registered policies included."""
         wanted, calls = _signature(case, found), [0]
 
         def fails(candidate: Case) -> bool:
@@ -85,7 +86,7 @@ class Run:
             return find(cases().filter(same_kind), fails,
                         settings=settings(max_examples=self.args.shrink_calls, database=None, deadline=None,
                                           suppress_health_check=list(HealthCheck)))
-        except (NoSuchExample, Unsatisfiable):  # nothing else failed the same way: the first case is the repro
+        except (NoSuchExample, Unsatisfiable, Flaky):  # nothing simpler failed the same way (every time)
             return case
 
 
@@ -115,7 +116,7 @@ def _report(run: Run) -> int:
         print(f"  problem: {found[0][:400]}")
         print(f"  first case: {case.describe(300)}")
         if not run.stopped and run.args.shrink_calls:
-            print(f"  minimal repro: {run.shrink(case, found).describe(300)}")
+            print(f"  minimal repro (on the server as the run left it): {run.shrink(case, found).describe(300)}")
     return 1
 
 

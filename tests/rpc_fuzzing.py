@@ -61,9 +61,9 @@ def problems(case: Case, outcome: Outcome) -> list[str]:
     if bad_items:
         found.append(f"{case.method} item errors {bad_items}")
     if "metadata size exceeds" in outcome.details:  # the client got gRPC's complaint, not the server's answer
-        found.append(f"{case.method}: the error message is too long to deliver: {outcome.details[:200]}")
+        found.append(f"{case.method} error message too long to deliver: {outcome.details[:200]}")
     elif len(outcome.details) > MAX_DETAILS_CHARS:
-        found.append(f"{case.method}: an error message of {len(outcome.details):,} characters")
+        found.append(f"{case.method} error message over {MAX_DETAILS_CHARS:,} characters: {len(outcome.details):,}")
     if "Traceback" in outcome.details:
         found.append(f"{case.method} details carry a traceback")
     if case.method == "ClassifyStream" and outcome.code == "OK" and outcome.events[-1:] != ("result",):
