@@ -50,6 +50,7 @@ class Outcome:
     details: str = ""
     item_codes: tuple[str, ...] = ()  # a batch's per-item error codes ("OK" for a result)
     events: tuple[str, ...] = ()  # a ClassifyStream's event kinds
+    longest_item_error: int = 0  # characters in a batch's longest per-item error message
 
 
 def problems(case: Case, outcome: Outcome) -> list[str]:
@@ -64,6 +65,11 @@ def problems(case: Case, outcome: Outcome) -> list[str]:
         found.append(f"{case.method} error message too long to deliver: {outcome.details[:200]}")
     elif len(outcome.details) > MAX_DETAILS_CHARS:
         found.append(f"{case.method} error message over {MAX_DETAILS_CHARS:,} characters: {len(outcome.details):,}")
+    if "CLIENT: Received message larger than max" in outcome.details:  # an answer far bigger than its question
+        found.append(f"{case.method} response too large for a client: {outcome.details[:200]}")
+    if outcome.longest_item_error > MAX_DETAILS_CHARS:
+        found.append(f"{case.method} item error message over {MAX_DETAILS_CHARS:,} characters: "
+                     f"{outcome.longest_item_error:,}")
     if "Traceback" in outcome.details:
         found.append(f"{case.method} details carry a traceback")
     if case.method == "ClassifyStream" and outcome.code == "OK" and outcome.events[-1:] != ("result",):
@@ -202,7 +208,8 @@ def _streamed(method: str, answers: list[bytes]) -> Outcome:
     if method == "ClassifyStream":
         return Outcome("OK", events=tuple(pb.ClassifyEvent.FromString(a).WhichOneof("event") for a in answers))
     results = [pb.BatchResult.FromString(a) for a in answers]
-    return Outcome("OK", item_codes=tuple(r.error.code if r.HasField("error") else "OK" for r in results))
+    return Outcome("OK", item_codes=tuple(r.error.code if r.HasField("error") else "OK" for r in results),
+                   longest_item_error=max((len(r.error.message) for r in results), default=0))
 
 
 # Failures other branches of issue [G] fix: (what, where). The strategies keep producing them.

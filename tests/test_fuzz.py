@@ -92,14 +92,17 @@ def test_bytes_that_are_no_request_answer_invalid_argument(target):
 def test_long_refs_and_ids_get_their_status_not_a_dropped_stream(target):
     runner, fuzzed = target
 
-    @settings(CI, max_examples=12)
-    @given(st.sampled_from(["GetPolicy", "ActivatePolicy", "RollbackPolicy", "Classify"]), huge_text())
+    @settings(CI, max_examples=15)
+    @given(st.sampled_from(["GetPolicy", "ActivatePolicy", "RollbackPolicy", "Classify", "ClassifyBatch"]),
+           huge_text())
     def answered(method: str, long: str) -> None:
         request = {"GetPolicy": lambda: pb.GetPolicyRequest(ref=f"smoke@{long}"),
                    "ActivatePolicy": lambda: pb.ActivatePolicyRequest(id="smoke", ref=long),
                    "RollbackPolicy": lambda: pb.RollbackPolicyRequest(id=long),
                    "Classify": lambda: pb.ClassifyRequest(policy=pb.PolicySelector(ref=long),
-                                                          content=pb.Content(text="hello"))}[method]()
+                                                          content=pb.Content(text="hello")),
+                   "ClassifyBatch": lambda: pb.ClassifyBatchRequest(items=[pb.BatchItem(content=pb.Content(
+                       text="hello"))], policies=[pb.PolicySelector(ref=long)])}[method]()
         case = Case(method, request)
         assume(echoes_long_string(case))
         outcome = runner.run(fuzzed.call(case))
