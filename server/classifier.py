@@ -34,6 +34,7 @@ from server.audit_file import AuditError
 from server.content_checks import check_content, content_chars
 from server.errors import Internal, InvalidArgument, ResourceExhausted, ServiceError, Unavailable
 from server.generation import Generator
+from server.identity import ANONYMOUS, Identity
 from server.jobs import (
     BatchJob,
     BatchOutcome,
@@ -170,7 +171,7 @@ class Classifier:
         if isinstance(content, ServiceError):
             return BatchOutcome(item_id, ref, error=content)
         job = ClassifyJob(selector, content, batch.effort, batch.include_reasoning,
-                          f"{batch.request_id}/{item_id}", batch.arrival, batch.deadline)
+                          f"{batch.request_id}/{item_id}", batch.arrival, batch.deadline, batch.identity)
         async with gate:
             try:
                 return BatchOutcome(item_id, ref, result=await self._classify(job, None))
@@ -185,7 +186,7 @@ class Classifier:
     async def _classify(self, job: ClassifyJob, sink: Callable[[ReasoningText], None] | None) -> Classification:
         label = UNKNOWN
         try:
-            resolved = await self.policies.resolve(job.selector)
+            resolved = await self.policies.resolve(job.selector, job.identity.tenant)
             label = resolved.label
             result = await self._run(job, resolved, sink)
         except ServiceError as exc:
@@ -255,7 +256,8 @@ class Classifier:
         return AuditRecord(job.request_id, p.id, p.version, p.sha256, model.fingerprint, verdict.violation,
                            verdict.status, serialise(job.content), verdict.category, verdict.rule_ids,
                            verdict.confidence, verdict.rationale, usage.prompt_tokens, usage.cached_prompt_tokens,
-                           usage.reasoning_tokens, usage.output_tokens, _ms(time.perf_counter() - job.arrival))
+                           usage.reasoning_tokens, usage.output_tokens, _ms(time.perf_counter() - job.arrival),
+                           tenant=job.identity.tenant, principal=job.identity.principal)
 
     async def _record(self, record: AuditRecord) -> None:
         """Audit the decision; with `audit_wait` the answer waits until the record is on disk."""
@@ -277,26 +279,26 @@ class Classifier:
 
     def _reported_info(self, resolved: ResolvedPolicy) -> PolicyInfo:
         # A pinned version's activity changes over time; the cached info is as of when it was loaded.
-        active = resolved.label != INLINE and self.policies.is_active(resolved.info)
+        active = resolved.label != INLINE and self.policies.is_active(resolved.info, resolved.tenant)
         return resolved.info if active == resolved.info.active else replace(resolved.info, active=active)
 
 
     # -- policy administration (server/policy_admin.py) ---------------------------------------------------------
 
-    async def put_policy(self, text: str, activate: bool) -> PolicyInfo:
-        return await self.admin.put_policy(text, activate)
+    async def put_policy(self, text: str, activate: bool, caller: Identity = ANONYMOUS) -> PolicyInfo:
+        return await self.admin.put_policy(text, activate, caller)
 
-    async def get_policy(self, ref: str) -> tuple[PolicyInfo, str]:
-        return await self.admin.get_policy(ref)
+    async def get_policy(self, ref: str, caller: Identity = ANONYMOUS) -> tuple[PolicyInfo, str]:
+        return await self.admin.get_policy(ref, caller)
 
-    async def list_policies(self) -> list[PolicyInfo]:
-        return await self.admin.list_policies()
+    async def list_policies(self, caller: Identity = ANONYMOUS) -> list[PolicyInfo]:
+        return await self.admin.list_policies(caller)
 
-    async def activate_policy(self, policy_id: str, ref: str) -> PolicyInfo:
-        return await self.admin.activate_policy(policy_id, ref)
+    async def activate_policy(self, policy_id: str, ref: str, caller: Identity = ANONYMOUS) -> PolicyInfo:
+        return await self.admin.activate_policy(policy_id, ref, caller)
 
-    async def rollback_policy(self, policy_id: str) -> PolicyInfo:
-        return await self.admin.rollback_policy(policy_id)
+    async def rollback_policy(self, policy_id: str, caller: Identity = ANONYMOUS) -> PolicyInfo:
+        return await self.admin.rollback_policy(policy_id, caller)
 
 def _reasoning_tokens(parsed: ParsedCompletion) -> int:
     return sum(m.end - m.start for m in parsed.messages if m.role == "assistant" and m.channel == "analysis")

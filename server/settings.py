@@ -9,6 +9,7 @@ lists every problem at once, like the other settings files.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -69,6 +70,18 @@ class ServerSettings:
                                       "RESOURCE_EXHAUSTED and a retry hint")
     batch_concurrency: int = _setting(8, "prompts one ClassifyBatch runs at once (each takes an in-flight slot)")
     default_timeout_s: float = _setting(120.0, "deadline of a request whose client sets none, in seconds")
+
+    # -- authentication (server/auth.py, server/keys.py) ---------------------------------------------------------------
+    auth: str = _setting("auto", "who may call: auto (require a credential once any API key exists or client "
+                                 "certificates are mapped), on (always require one), off (everyone is the default "
+                                 "tenant with every scope)")
+    key_refresh_s: float = _setting(5.0, "seconds between re-reads of the API key table: a key revoked with "
+                                         "`appliance keys revoke` stops working within this time")
+    admin_listen: str = _setting("", "host:port of a second listener that alone serves the policy changes "
+                                     "(PutPolicy, ActivatePolicy, RollbackPolicy); empty: the main listener serves "
+                                     "them")
+    allow_unauthenticated: bool = _setting(False, "serve without authentication on a non-loopback address "
+                                                  "(anyone who reaches the port could then change policies)")
 
     # -- housekeeping -----------------------------------------------------------------------------------------
     health_interval_s: float = _setting(0.5, "seconds between readiness probes of each Triton endpoint")
@@ -135,6 +148,42 @@ def _problems(s: ServerSettings) -> list[tuple[str, str]]:
             found.append((name, f"must be more than 0, got {getattr(s, name)}"))
     if s.grace_s < 0:
         found.append(("grace_s", f"must be 0 or more, got {s.grace_s}"))
+    found += _auth_problems(s)
     if s.log_level not in ("debug", "info", "warning", "error"):
         found.append(("log_level", f"must be debug, info, warning or error, got {s.log_level!r}"))
+    return found
+
+
+def is_loopback(address: str) -> bool:
+    """Whether a host:port listens only on this host (127.0.0.0/8, ::1, localhost)."""
+    host = address.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost may resolve to any interface
+
+
+def exposed_addresses(s: ServerSettings) -> list[str]:
+    """The listen addresses other hosts could reach."""
+    return [a for a in (s.listen, s.admin_listen) if a and not is_loopback(a)]
+
+
+def _auth_problems(s: ServerSettings) -> list[tuple[str, str]]:
+    found: list[tuple[str, str]] = []
+    if s.auth not in ("auto", "on", "off"):
+        found.append(("auth", f"must be auto, on or off, got {s.auth!r}"))
+    if not s.key_refresh_s > 0:
+        found.append(("key_refresh_s", f"must be more than 0, got {s.key_refresh_s}"))
+    if s.admin_listen:
+        if (problem := _address_problem(s.admin_listen)) is not None:
+            found.append(("admin_listen", problem))
+        elif s.admin_listen == s.listen:
+            found.append(("admin_listen", "must differ from listen"))
+    exposed = exposed_addresses(s)
+    if s.auth == "off" and exposed and not s.allow_unauthenticated:
+        found.append(("auth", f"is off, but {' and '.join(exposed)} can be reached from other hosts, so anyone "
+                              "there could classify and change policies; turn auth on (and create keys with "
+                              "`appliance keys create`), listen on 127.0.0.1, or set allow_unauthenticated"))
     return found
