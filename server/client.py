@@ -6,12 +6,14 @@
         response = client.classify("spam-scams", "WIN A FREE CRUISE!!! reply with your card number")
         print(response.verdict.violation, response.verdict.category)
 
-Content is a string (one text), a `(prompt, response)` tuple, or a list of `(role, content)` turns.
+Content is a string (one text), a `(prompt, response)` tuple, or a list of `(role, content)` turns. A server that
+requires authentication takes `SafeguardClient(target, api_key="sgk_...")` (sent as `authorization: Bearer`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Union
 
 import grpc
@@ -40,10 +42,39 @@ def policy_selector(policy: str) -> pb.PolicySelector:
     return pb.PolicySelector(ref=policy)
 
 
+class _KeyInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds the API key to every call's metadata."""
+
+    def __init__(self, api_key: str):
+        self._metadata = (("authorization", f"Bearer {api_key}"),)
+
+    def _details(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        return _CallDetails(details.method, details.timeout, (*(details.metadata or ()), *self._metadata),
+                            details.credentials, details.wait_for_ready, details.compression)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+
+@dataclass(frozen=True)
+class _CallDetails(grpc.ClientCallDetails):
+    method: str
+    timeout: float | None
+    metadata: tuple[tuple[str, str], ...]
+    credentials: grpc.CallCredentials | None
+    wait_for_ready: bool | None
+    compression: grpc.Compression | None
+
+
 class SafeguardClient:
     def __init__(self, target: str = "127.0.0.1:50151", *, timeout: float | None = 120.0,
-                 channel: grpc.Channel | None = None):
+                 channel: grpc.Channel | None = None, api_key: str | None = None):
         self._channel = channel or grpc.insecure_channel(target)
+        if api_key:
+            self._channel = grpc.intercept_channel(self._channel, _KeyInterceptor(api_key))
         self._stub = pb_grpc.SafeguardStub(self._channel)
         self.timeout = timeout
 
