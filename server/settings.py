@@ -179,7 +179,7 @@ def _auth_problems(s: ServerSettings) -> list[tuple[str, str]]:
     if s.admin_listen:
         if (problem := _address_problem(s.admin_listen)) is not None:
             found.append(("admin_listen", problem))
-        elif s.admin_listen == s.listen:
+        elif s.admin_listen == s.listen and not s.listen.endswith(":0"):  # port 0: each gets its own
             found.append(("admin_listen", "must differ from listen"))
     exposed = exposed_addresses(s)
     if s.auth == "off" and exposed and not s.allow_unauthenticated:

@@ -79,9 +79,9 @@ def test_tenants_hold_the_same_policy_id_and_the_same_text_independently(tmp_pat
     assert registry.check() == []
 
 
-def _refusal(call) -> tuple[type, str]:
+def _refusal(call, policy_id: str) -> tuple[type, str]:
     with pytest.raises(RegistryError) as caught:
-        call()
+        call(policy_id)
     return type(caught.value), str(caught.value)
 
 
@@ -100,8 +100,8 @@ def test_a_foreign_tenants_policy_answers_exactly_like_a_missing_one(tmp_path, k
         "history": lambda pid: registry.history(pid, tenant="acme"),
     }
     for name, call in calls.items():
-        foreign_kind, foreign = _refusal(lambda: call("secret-plan"))
-        missing_kind, missing = _refusal(lambda: call("never-made!"))
+        foreign_kind, foreign = _refusal(call, "secret-plan")
+        missing_kind, missing = _refusal(call, "never-made!")
         assert foreign_kind is missing_kind, name
         assert foreign.replace("secret-plan", "ID") == missing.replace("never-made!", "ID"), name
         assert "globex" not in foreign
