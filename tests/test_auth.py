@@ -254,3 +254,26 @@ def test_the_admin_listener_alone_serves_policy_changes(api):
         api.run(admin_channel.close())
         api.run(main_channel.close())
         api.run(frontend.stop(grace=1))
+
+
+def test_the_python_client_and_the_cli_send_the_api_key(api):
+    from server.client import SafeguardClient
+
+    def with_client(key: str | None) -> str:
+        with SafeguardClient(api.frontend.address, api_key=key, timeout=10) as client:
+            try:
+                return client.classify("smoke", "hello").policy.id
+            except grpc.RpcError as exc:
+                return exc.code().name
+
+    assert api.run(asyncio.to_thread(with_client, api.secret("acme-classify"))) == "smoke"
+    assert api.run(asyncio.to_thread(with_client, None)) == "UNAUTHENTICATED"
+
+    def with_cli(env: dict[str, str]):
+        return CliRunner().invoke(main, ["classify", "--target", api.frontend.address, "--policy", "smoke",
+                                         "--text", "hello", "--timeout", "10"], env=env)
+
+    sent = api.run(asyncio.to_thread(with_cli, {"APPLIANCE_API_KEY": api.secret("acme-classify")}))
+    assert sent.exit_code == 0 and "policy smoke@1.0.0" in sent.output, sent.output
+    unsent = api.run(asyncio.to_thread(with_cli, {}))
+    assert unsent.exit_code == 1 and "UNAUTHENTICATED" in unsent.output
