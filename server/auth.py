@@ -17,6 +17,7 @@ PERMISSION_DENIED for a missing scope.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
@@ -73,6 +74,9 @@ class Authentication:
             return self._others or self.keys.enforced()
         return self.mode == "on"
 
+    def is_cheap(self, metadata: Mapping[str, str]) -> bool:
+        return self.mode == "off" or self.keys.is_cheap(metadata)
+
     def identify(self, metadata: Mapping[str, str], auth_context: Mapping[str, Sequence[bytes]]) -> Identity:
         if self.mode == "off":
             return ANONYMOUS
@@ -108,8 +112,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         self.authentication = authentication
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
-    def _identify(self, scope: str, context: grpc.aio.ServicerContext) -> Identity:
-        identity = self.authentication.identify(_metadata(context), context.auth_context() or {})
+    async def _identify(self, scope: str, context: grpc.aio.ServicerContext) -> Identity:
+        metadata, transport = _metadata(context), context.auth_context() or {}
+        if self.authentication.is_cheap(metadata):
+            identity = self.authentication.identify(metadata, transport)
+        else:  # a key seen for the first time costs scrypt (tens of ms): keep it off the event loop
+            identity = await asyncio.to_thread(self.authentication.identify, metadata, transport)
         identity.require(scope)
         return identity
 
@@ -135,7 +143,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
     def _unary(self, behavior: Callable[..., Awaitable[Any]], scope: str) -> Callable[..., Awaitable[Any]]:
         async def authenticated(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            token = current_identity.set(self._identify(scope, context))
+            token = current_identity.set(await self._identify(scope, context))
             try:
                 return await behavior(request, context)
             finally:
@@ -146,7 +154,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     def _stream(self, behavior: Callable[..., AsyncIterator[Any]], scope: str) -> Callable[..., AsyncIterator[Any]]:
         async def authenticated(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             # Set before the first response and kept for the stream's life: each RPC runs in its own task.
-            current_identity.set(self._identify(scope, context))
+            current_identity.set(await self._identify(scope, context))
             async for response in behavior(request, context):
                 yield response
 

@@ -183,6 +183,10 @@ class KeyStore:
         return [_Stored(KeyInfo(r[0], r[1], r[2], tuple(r[3].split()), r[4], r[5]), r[6], r[7]) for r in rows]
 
 
+def _digest(presented: str) -> bytes:
+    return hashlib.sha256(presented.encode("utf-8", "replace")).digest()
+
+
 def presented_key(metadata: Mapping[str, str]) -> str | None:
     """The key a call carries, if any: `authorization: Bearer <key>` or `x-api-key: <key>`."""
     auth = metadata.get("authorization", "")
@@ -212,12 +216,21 @@ class KeyAuthenticator:
         self._refresh()
         return self._any
 
+    def is_cheap(self, metadata: Mapping[str, str]) -> bool:
+        """Whether answering this call costs no scrypt (no key, or one already verified or refused), so the caller
+        may answer it on the event loop; otherwise it should call from a worker thread."""
+        presented = presented_key(metadata)
+        if presented is None:
+            return True
+        digest = _digest(presented)
+        return digest in self._verified or digest in self._failed
+
     def __call__(self, metadata: Mapping[str, str], auth_context: Mapping[str, Sequence[bytes]]) -> Identity | None:
         presented = presented_key(metadata)
         if presented is None:
             return None
         self._refresh()
-        digest = hashlib.sha256(presented.encode("utf-8", "replace")).digest()
+        digest = _digest(presented)
         found = self._verified.get(digest)
         if found is not None:
             return found
