@@ -133,6 +133,14 @@ def test_a_classify_key_classifies_by_ref_and_inline_and_the_audit_names_it(api)
     assert api.rpc("Classify", inline, key.secret).policy.id == "fruit"
     records = AuditReader(audit_path(api.state)).by_request("acme-by-ref")
     assert [(r.tenant, r.principal) for r in records] == [("acme", f"key:{key.info.key_id}")]
+    # Smoke exists only in acme's registry, so these answers show the streaming calls carry the key's tenant too.
+    events = api.rpc("ClassifyStream", classify_request(), key.secret)
+    assert events[-1].result.policy.id == "smoke"
+    batch = api.rpc("ClassifyBatch", pb.ClassifyBatchRequest(items=[pb.BatchItem(content=pb.Content(text="hi"))],
+                                                             policies=[pb.PolicySelector(ref="smoke")],
+                                                             request_id="acme-batch"), key.secret)
+    assert [b.result.policy.id for b in batch] == ["smoke"]
+    assert [r.tenant for r in AuditReader(audit_path(api.state)).by_request("acme-batch/0")] == ["acme"]
 
 
 def _same_answer(api: AuthApi, method: str, foreign_request, missing_request, key: str) -> None:
