@@ -178,6 +178,8 @@ class ReloadingCertificates:
         self._signature = signature  # taken before the load: a change during it is seen next time
         self._refused: tuple | None = None  # signature of files that failed to load (logged once)
         self._lock = threading.Lock()
+        slog.event(log, logging.INFO, "TLS certificate loaded", cert=str(files.cert),
+                   fingerprint=self._current.fingerprint, mutual_tls=self.mutual)
         _warn_if_readable_by_others(files.key)
 
     @property

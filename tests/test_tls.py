@@ -35,6 +35,7 @@ from tls_certs import CertFiles, TestCA, require_openssl
 from server import tls
 from server.client import SafeguardClient
 from server.client_certs import CertificateAuthenticator, certificate_authenticator, load_certificate_map
+from server.client_cli import classify_command
 from server.errors import Unauthenticated
 from server.generated.safeguard.v1 import safeguard_pb2 as pb
 from server.generated.safeguard.v1 import safeguard_pb2_grpc as pb_grpc
@@ -159,6 +160,12 @@ def test_tls_front_end_answers_tls_clients_and_refuses_plaintext(triton, pki, tm
                 return client.classify("smoke", "hello over TLS").verdict.violation
 
         assert runner.run(asyncio.to_thread(sync_client)) is False
+        command = ["--target", frontend.address, "--policy", "smoke", "--text", "hello from the CLI"]
+        cli = runner.run(asyncio.to_thread(CliRunner().invoke, classify_command, command,
+                                           env={"APPLIANCE_TLS_CA": str(pki.ca.cert)}))
+        assert cli.exit_code == 0 and cli.output.startswith("no violation"), cli.output
+        cli = runner.run(asyncio.to_thread(CliRunner().invoke, classify_command, [*command, "--timeout", "2"]))
+        assert cli.exit_code != 0 and "UNAVAILABLE" in str(cli.exception)
 
         port = frontend.metrics_server.port
         assert frontend.metrics_server.https
