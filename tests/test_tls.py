@@ -176,13 +176,21 @@ def test_tls_front_end_answers_tls_clients_and_refuses_plaintext(triton, pki, tm
 
 
 def test_mutual_tls_refuses_clients_without_a_certificate_of_its_ca(triton, pki, tmp_path):
-    settings = tls_settings(pki, tls_client_ca=str(pki.ca.cert), client_cert_map=str(pki.cert_map))
+    client_ca = tmp_path / "clients-ca.pem"
+    client_ca.write_bytes(pki.ca.cert.read_bytes())
+    settings = tls_settings(pki, tls_client_ca=str(client_ca), client_cert_map=str(pki.cert_map))
     with serving(triton, tmp_path / "state", **settings) as (runner, frontend):
         assert runner.run(classify(frontend.address, pki.credentials(pki.billing))).verdict.HasField("violation")
         assert refused(runner, frontend.address, pki.credentials()) == grpc.StatusCode.UNAVAILABLE
         assert refused(runner, frontend.address, pki.credentials(pki.forged)) == grpc.StatusCode.UNAVAILABLE
         assert refused(runner, frontend.address, None) == grpc.StatusCode.UNAVAILABLE
         assert isinstance(frontend.certificate_authenticator, CertificateAuthenticator)
+
+        partial = tmp_path / "clients-ca.partial"  # the client CA reloads too: now the other CA's clients get in
+        partial.write_bytes(pki.other_ca.cert.read_bytes())
+        os.replace(partial, client_ca)
+        assert runner.run(classify(frontend.address, pki.credentials(pki.forged))).verdict.HasField("violation")
+        assert refused(runner, frontend.address, pki.credentials(pki.billing)) == grpc.StatusCode.UNAVAILABLE
 
 
 class _Recorder(health.aio.HealthServicer):
