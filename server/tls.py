@@ -19,6 +19,7 @@ import logging
 import re
 import ssl
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,7 +54,7 @@ class Certificates:
     cert_chain: bytes
     key: bytes
     client_ca: bytes | None
-    fingerprint: str  # sha256 of the leaf certificate (DER), as `openssl x509 -fingerprint -sha256` shows it
+    fingerprint: str  # sha256 (hex) of the leaf certificate's DER: `openssl x509 -fingerprint -sha256`, lower case
     digest: str  # of every file's bytes: a touched file with the same content is no change
     https: ssl.SSLContext  # server side, for /metrics (no client certificate asked for)
 
@@ -93,7 +94,7 @@ def _read_all(files: CertificateFiles) -> list[bytes]:
     return [_read(setting, path) for setting, path in files.named]
 
 
-def _encrypted_key(files: CertificateFiles):
+def _encrypted_key(files: CertificateFiles) -> Callable[[], bytes]:
     def refuse() -> bytes:
         raise ServerSettingsError(f"tls_key: {files.key} is encrypted; the server cannot ask for a passphrase, "
                                   "so give it an unencrypted key file readable only by its user (mode 0600)")
