@@ -10,17 +10,23 @@ one process (the tests do).
 
 from __future__ import annotations
 
+import socket
+import ssl
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from wsgiref.simple_server import WSGIServer
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
 from classification.errors import ApplianceError
 
 INLINE = "inline"
 UNKNOWN = "unknown"
 # 1 ms to 2 min: a cached binary verdict on a GPU takes milliseconds, a high-effort one on a CPU a minute.
+SCRAPE_TIMEOUT_S = 10.0  # a scrape connection that sends nothing for this long is closed
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
@@ -127,10 +133,11 @@ class Metrics:
 
 @dataclass
 class MetricsServer:
-    """The /metrics HTTP server, on a thread of its own (prometheus-client's WSGI server)."""
+    """The /metrics HTTP(S) server, on a thread of its own (a thread per scrape)."""
 
     server: WSGIServer
     thread: threading.Thread
+    https: bool = False
 
     @property
     def port(self) -> int:
@@ -146,10 +153,46 @@ class MetricsError(ApplianceError):
     """The /metrics server cannot start."""
 
 
-def serve_metrics(metrics: Metrics, address: str, port: int) -> MetricsServer:
-    """Start serving `metrics` at http://address:port/metrics; port 0 picks a free one."""
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        """Scrapes are not worth a log line each."""
+
+
+class _MetricsHTTPServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a scrape stuck at shutdown must not hold the process
+    tls_context: Callable[[], ssl.SSLContext] | None = None
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        # The TLS handshake runs here, on the scrape's own thread, so a client that stalls in it holds up nobody.
+        request.settimeout(SCRAPE_TIMEOUT_S)
+        if self.tls_context is None:
+            super().finish_request(request, client_address)
+            return
+        try:
+            secure = self.tls_context().wrap_socket(request, server_side=True)
+        except OSError:  # no TLS spoken, a refused handshake, a timeout: nothing to answer
+            return
+        try:
+            super().finish_request(secure, client_address)
+        finally:
+            secure.close()
+
+
+def serve_metrics(metrics: Metrics, address: str, port: int,
+                  tls_context: Callable[[], ssl.SSLContext] | None = None) -> MetricsServer:
+    """Start serving `metrics` at http://address:port/metrics (port 0 picks a free one); with `tls_context`, HTTPS,
+    taking the context from it for each new connection (so a reloaded certificate applies at once)."""
     try:
-        server, thread = start_http_server(port, addr=address, registry=metrics.registry)
+        family, _, _, _, sockaddr = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM,
+                                                       flags=socket.AI_PASSIVE)[0]
+
+        class Server(_MetricsHTTPServer):
+            address_family = family  # an IPv6 address needs an AF_INET6 socket
+
+        server = make_server(sockaddr[0], port, make_wsgi_app(metrics.registry), Server, handler_class=_QuietHandler)
     except OSError as exc:
         raise MetricsError(f"cannot serve metrics on {address}:{port}: {exc.strerror or exc}") from None
-    return MetricsServer(server, thread)
+    server.tls_context = tls_context
+    thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True)
+    thread.start()
+    return MetricsServer(server, thread, https=tls_context is not None)

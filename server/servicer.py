@@ -34,8 +34,10 @@ from classification.content import Chat, Content, PromptResponse, Text, Turn
 from classification.verdict import EXTRA_MESSAGES, MALFORMED, MISSING_FINAL, OK, TRUNCATED, Verdict
 from classification.vocab import load_harmony_encoding
 from server import log as slog
+from server import tls
 from server.audit import AuditLog
 from server.classifier import Classifier
+from server.client_certs import CertificateAuthenticator, certificate_authenticator
 from server.errors import InvalidArgument, ServiceError
 from server.generated.safeguard.v1 import safeguard_pb2 as pb
 from server.generated.safeguard.v1 import safeguard_pb2_grpc as pb_grpc
@@ -292,6 +294,8 @@ class Frontend:
     metrics: Metrics
     audit: AuditLog
     metrics_server: MetricsServer | None = None
+    certificates: tls.ReloadingCertificates | None = None  # TLS on: the (reloading) certificate files
+    certificate_authenticator: CertificateAuthenticator | None = None  # mutual TLS with a client_cert_map
 
     @property
     def address(self) -> str:
@@ -303,7 +307,8 @@ class Frontend:
             await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         self.classifier.on_readiness = self._readiness
-        self.metrics_server = serve_metrics(self.metrics, self.settings.metrics_address, self.settings.metrics_port)
+        self.metrics_server = serve_metrics(self.metrics, self.settings.metrics_address, self.settings.metrics_port,
+                                            self.certificates.https_context if self.certificates else None)
         await self.server.start()
         await self.classifier.start()
 
@@ -326,6 +331,7 @@ class Frontend:
 def build_server(settings: ServerSettings) -> Frontend:
     """Assemble the front end (call inside the event loop that will run it: grpc.aio binds to it)."""
     settings.validate()
+    certificates, by_certificate = tls.load_certificates(settings), certificate_authenticator(settings)
     metrics = Metrics()
     audit = AuditLog(settings.audit_path, store_rationale=settings.audit_store_rationale,
                      store_content=settings.audit_store_content)
@@ -343,12 +349,14 @@ def build_server(settings: ServerSettings) -> Frontend:
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
     try:
-        port = server.add_insecure_port(settings.listen)
+        port = (server.add_insecure_port(settings.listen) if certificates is None
+                else server.add_secure_port(settings.listen, tls.server_credentials(certificates)))
     except RuntimeError:
         audit.close()
         raise ServerSettingsError(f"cannot listen on {settings.listen}: the address is in use or not "
                                   "available on this host") from None
-    return Frontend(settings, server, port, classifier, health_servicer, metrics, audit)
+    return Frontend(settings, server, port, classifier, health_servicer, metrics, audit,
+                    certificates=certificates, certificate_authenticator=by_certificate)
 
 
 async def serve(settings: ServerSettings) -> None:

@@ -9,6 +9,7 @@ lists every problem at once, like the other settings files.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -38,6 +39,19 @@ class ServerSettings:
     triton_model: str = _setting("safeguard", "name of the Triton model to call")
     metrics_address: str = _setting("127.0.0.1", "address the Prometheus /metrics HTTP server binds to")
     metrics_port: int = _setting(50152, "port of the Prometheus /metrics HTTP server (0: any free port)")
+
+    # -- transport security (docs/deploy.md, TLS) ---------------------------------------------------------------
+    tls_cert: str = _setting("", "PEM certificate chain the gRPC API and /metrics serve over TLS; re-read when the "
+                                 "file changes, so a renewed certificate applies to new connections without a "
+                                 "restart")
+    tls_key: str = _setting("", "PEM private key of tls_cert (unencrypted; keep it mode 0600)")
+    tls_client_ca: str = _setting("", "PEM CA certificates for mutual TLS: set, every gRPC client must present a "
+                                      "certificate signed by one of them")
+    client_cert_map: str = _setting("", "TOML file mapping client-certificate subjects to a tenant and scopes "
+                                        "(mutual TLS as an identity; needs tls_client_ca)")
+    allow_insecure_listen: bool = _setting(False, "allow listen or metrics_address on a non-loopback address "
+                                                  "without TLS (plaintext: anyone on the path can read and forge "
+                                                  "the traffic)")
 
     # -- state ---------------------------------------------------------------------------------------------------
     state_dir: str = _setting(state.DEFAULT_STATE_DIR, state.STATE_DIR_HELP, envvar=state.STATE_DIR_ENV)
@@ -112,6 +126,40 @@ def _address_problem(value: str) -> str | None:
     return None
 
 
+def is_loopback(host: str) -> bool:
+    """True for localhost and loopback IP addresses; any other name may resolve to anything, so it is not."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.removeprefix("[").removesuffix("]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _transport_problems(s: ServerSettings) -> list[tuple[str, str]]:
+    found: list[tuple[str, str]] = []
+    if bool(s.tls_cert) != bool(s.tls_key):
+        found.append(("tls_key" if s.tls_cert else "tls_cert", "tls_cert and tls_key go together: set both"))
+    if s.tls_client_ca and not s.tls_cert:
+        found.append(("tls_client_ca", "mutual TLS needs TLS: set tls_cert and tls_key too"))
+    if s.client_cert_map and not s.tls_client_ca:
+        found.append(("client_cert_map", "client certificates are only asked for under mutual TLS: set "
+                                         "tls_client_ca too"))
+    if s.tls_cert or s.allow_insecure_listen:
+        return found
+    host = s.listen.rpartition(":")[0]
+    if _address_problem(s.listen) is None and not is_loopback(host):
+        found.append(("listen", f"{host} is not a loopback address and TLS is off: anyone who can reach it could "
+                                "read the content and forge requests. Set tls_cert and tls_key, or listen on "
+                                "127.0.0.1 behind a TLS-terminating proxy, or (on a network you trust) set "
+                                "allow_insecure_listen"))
+    if not is_loopback(s.metrics_address):
+        found.append(("metrics_address", f"{s.metrics_address} is not a loopback address and TLS is off: set "
+                                         "tls_cert and tls_key (metrics are then served over HTTPS), keep metrics "
+                                         "on 127.0.0.1, or set allow_insecure_listen"))
+    return found
+
+
 def _problems(s: ServerSettings) -> list[tuple[str, str]]:
     found: list[tuple[str, str]] = []
     addresses = [("listen", s.listen), *((f"triton_endpoints[{i}]", e) for i, e in enumerate(s.triton_endpoints))]
@@ -137,4 +185,5 @@ def _problems(s: ServerSettings) -> list[tuple[str, str]]:
         found.append(("grace_s", f"must be 0 or more, got {s.grace_s}"))
     if s.log_level not in ("debug", "info", "warning", "error"):
         found.append(("log_level", f"must be debug, info, warning or error, got {s.log_level!r}"))
+    found.extend(_transport_problems(s))
     return found
