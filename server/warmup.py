@@ -4,8 +4,9 @@ Each activation warms the new version's prefix (a prefill-only request on the en
 Run as they come, an activation storm (a script activating in a loop) sends the model a stream of prefills that
 competes with classification. So warm-ups queue here, keyed by policy:
 - coalesced: asking to warm a policy whose warm-up is already queued replaces the queued version with the newest
-  (only the latest version of a policy is worth warming), and asking again for the version being warmed now adds
-  nothing; every caller waits for the warm-up that covers its request;
+  (only the latest version of a policy is worth warming; the run checks again whether it is warm already), and
+  asking for the version being warmed now, with nothing queued, adds nothing; every caller waits for the warm-up
+  that covers its request;
 - paced: one warm-up runs at a time (one prompt slot of the model's), and one starts at most every `interval_s`.
 A caller that stops waiting (its RPC was cancelled) does not cancel the warm-up: others may be waiting on it.
 """
@@ -61,12 +62,12 @@ class Warmups:
         self.stats.requested += 1
         running = self._running
         queued = self._queued.get(key)
-        if running is not None and running[0] == key and running[1].version == version:
-            done = running[1].done
-            self.stats.coalesced += 1
-        elif queued is not None:
+        if queued is not None:  # the newest request wins, even one for the version running now (its run is cheap)
             queued.version, queued.run = version, run
             done = queued.done
+            self.stats.coalesced += 1
+        elif running is not None and running[0] == key and running[1].version == version:
+            done = running[1].done
             self.stats.coalesced += 1
         else:
             warmup = self._queued[key] = _Warmup(version, run)
