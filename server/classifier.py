@@ -153,7 +153,8 @@ class Classifier:
         deadline, whose = self._batch_deadline(job.deadline)
         with self._admit(job.identity, batch=max(1, min(plan.work, self.settings.batch_concurrency))) as slots:
             gate = asyncio.Semaphore(slots.count)
-            tasks = {asyncio.create_task(self._batch_item(job, prompt, deadline, gate)): prompt
+            # The batch's deadline is enforced here, for all items at once; each item keeps the client's own.
+            tasks = {asyncio.create_task(self._batch_item(job, prompt, gate)): prompt
                      for prompt in plan.prompts}
             pending: set[asyncio.Task[BatchOutcome]] = set(tasks)
             try:
@@ -218,8 +219,7 @@ class Classifier:
             self.metrics.refused(exc.reason)
             raise
 
-    async def _batch_item(self, batch: BatchJob, prompt: PlannedPrompt, deadline: float,
-                          gate: asyncio.Semaphore) -> BatchOutcome:
+    async def _batch_item(self, batch: BatchJob, prompt: PlannedPrompt, gate: asyncio.Semaphore) -> BatchOutcome:
         item_id, content, selector = prompt.item_id, prompt.content, prompt.selector
         ref = selector.label() if selector is not None else ""
         if selector is None:
@@ -228,7 +228,7 @@ class Classifier:
         if isinstance(content, ServiceError):
             return BatchOutcome(item_id, ref, error=content)
         job = ClassifyJob(selector, content, batch.effort, batch.include_reasoning,
-                          f"{batch.request_id}/{item_id}", batch.arrival, deadline, batch.identity)
+                          f"{batch.request_id}/{item_id}", batch.arrival, batch.deadline, batch.identity)
         async with gate:
             try:
                 return BatchOutcome(item_id, ref, result=await self._classify(job, None))

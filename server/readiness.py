@@ -4,7 +4,7 @@ The service is ready once an endpoint answers, its model is known (`server/model
 policy's prefix is warm on the endpoint its requests go to; the prober re-warms an endpoint each time it comes
 back, and the refresh loop warms what other processes (the CLI) activated. Warm-ups go through one paced,
 coalescing queue (`server/warmup.py`), so activating policies in a loop cannot crowd classification out; a policy
-whose newer version waits there is behind, not cold (an earlier version was warm), and keeps the service ready.
+whose warm-up waits there, or whose earlier version is warm, is behind, not cold, and keeps the service ready.
 """
 
 from __future__ import annotations
@@ -229,9 +229,12 @@ class Readiness:
         return True
 
     def _behind(self, resolved: ResolvedPolicy) -> bool:
-        """A newer version waits in the warm-up queue while an earlier one is warm: requests are served meanwhile."""
+        """Warm-ups are behind, the policy is not cold: an earlier version of it is warm on an endpoint that is up
+        (its new version's warm-up follows, or the refresh loop retries it), or, in a service already ready, its
+        warm-up waits in the queue. Requests are served meanwhile, so an activation storm keeps the service
+        SERVING; a service starting, or back from losing its endpoints, still waits for its warm-ups."""
         key = _policy_key(resolved)
-        return self.warmups.behind(key) and any(policy == key for _, policy in self._was_warm)
+        return (self._ready and self.warmups.behind(key)) or any(policy == key for _, policy in self._was_warm)
 
 
 def _policy_key(resolved: ResolvedPolicy) -> str:
