@@ -54,7 +54,7 @@ class Readiness:
         self._healthy: dict[str, bool] = {}
         self._warm: set[tuple[str, str]] = set()  # (endpoint, prefix key) warmed since the endpoint came up
         self._was_warm: set[tuple[str, str]] = set()  # (endpoint, policy) with some version warmed there
-        self.warmups = Warmups(settings.warm_interval_s)
+        self.warmups = Warmups(settings.warm_interval_s, paced=lambda: self._ready)
         self._tasks: list[asyncio.Task] = []
         self._ready = False
 

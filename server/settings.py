@@ -91,9 +91,10 @@ class ServerSettings:
                                        "once); past it RESOURCE_EXHAUSTED with a retry hint. With authentication "
                                        "off all callers share the default tenant's. 0: no limit")
     tenant_burst: int = _setting(20, "requests a tenant may send at once above tenant_rate (its bucket's size)")
-    warm_interval_s: float = _setting(0.05, "least seconds between the starts of two policy prefix warm-ups; they "
-                                            "run one at a time and coalesce per policy, so activating policies in "
-                                            "a loop cannot crowd classification out")
+    warm_interval_s: float = _setting(0.2, "least seconds between the starts of two policy prefix warm-ups while "
+                                           "serving (at start they run back to back); they run one at a time and "
+                                           "coalesce per policy, and an activation answers once its warm-up ran, so "
+                                           "activating policies in a loop cannot crowd classification out")
 
     # -- housekeeping -----------------------------------------------------------------------------------------
     health_interval_s: float = _setting(0.5, "seconds between readiness probes of each Triton endpoint")

@@ -7,7 +7,9 @@ competes with classification. So warm-ups queue here, keyed by policy:
   (only the latest version of a policy is worth warming; the run checks again whether it is warm already), and
   asking for the version being warmed now, with nothing queued, adds nothing; every caller waits for the warm-up
   that covers its request;
-- paced: one warm-up runs at a time (one prompt slot of the model's), and one starts at most every `interval_s`.
+- paced: one warm-up runs at a time (one prompt slot of the model's), and one starts at most every `interval_s`
+  while `paced()` says so (the service is serving: before it is, there is no traffic to protect, and a front end
+  starting with many active policies warms them back to back).
 A caller that stops waiting (its RPC was cancelled) does not cancel the warm-up: others may be waiting on it.
 """
 
@@ -42,9 +44,11 @@ class WarmupStats:
 class Warmups:
     """The warm-up queue; event-loop confined. `warm` returns once the warm-up covering the request has run."""
 
-    def __init__(self, interval_s: float, clock: Callable[[], float] = time.monotonic,
+    def __init__(self, interval_s: float, paced: Callable[[], bool] = lambda: True,
+                 clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep):
         self.interval_s = interval_s
+        self._paced = paced
         self._clock = clock
         self._sleep = sleep
         self._queued: OrderedDict[str, _Warmup] = OrderedDict()
@@ -87,7 +91,7 @@ class Warmups:
     async def _work(self) -> None:
         try:
             while self._queued:
-                if self._last_start is not None:
+                if self._last_start is not None and self._paced():
                     wait = self._last_start + self.interval_s - self._clock()
                     if wait > 0:
                         await self._sleep(wait)

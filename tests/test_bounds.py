@@ -8,6 +8,8 @@ The canned model's SLOW marker streams for seconds (test_triton_client.py), whic
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import asynccontextmanager
@@ -243,3 +245,15 @@ def test_an_activation_storm_does_not_starve_classification_nor_health(bench):
     assert statuses == {health_pb2.HealthCheckResponse.SERVING}
     assert warm_runs < activations  # coalesced
     api.run(api.stub.ActivatePolicy(pb.ActivatePolicyRequest(id="smoke", ref="1.0.0")))
+
+
+def test_the_activation_storm_benchmark_runs_and_prints_its_figures():
+    """The CI-sized run of benchmarks/bench_activation_storm.py (its own Triton and front end, stopped after)."""
+    done = subprocess.run([sys.executable, "-m", "benchmarks.bench_activation_storm", "--seconds", "0.5",
+                           "--rounds", "1", "--concurrency", "2", "--activators", "2"],
+                          capture_output=True, text=True, timeout=180, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = dict(line.split(":", 1) for line in done.stdout.splitlines() if line.startswith(("classify", "ratio")))
+    assert {"classify alone", "classify during storm", "ratio storm / alone"} <= set(figures)
+    assert "0 errors" in figures["classify alone"] and "0 errors" in figures["classify during storm"]
+    assert float(figures["ratio storm / alone"]) > 0

@@ -138,3 +138,17 @@ def test_a_batch_is_bounded_by_the_tenant_share_too():
 
 def test_a_share_is_at_least_one_slot():
     assert share_of(2, 0.25) == 1 and share_of(64, 0.75) == 48 and share_of(3, 1.0) == 3
+
+
+def test_the_bounded_work_settings_are_checked():
+    from server.settings import ServerSettings, ServerSettingsError
+
+    with pytest.raises(ServerSettingsError) as bad:
+        ServerSettings(max_batch_prompts=0, tenant_burst=0, tenant_in_flight_share=0.0, batch_in_flight_share=1.5,
+                       batch_timeout_s=0, tenant_rate=-1, warm_interval_s=-0.1).validate()
+    assert bad.value.problems == [
+        "max_batch_prompts: must be at least 1, got 0", "tenant_burst: must be at least 1, got 0",
+        "tenant_in_flight_share: must be more than 0 and at most 1, got 0.0",
+        "batch_in_flight_share: must be more than 0 and at most 1, got 1.5",
+        "batch_timeout_s: must be more than 0, got 0", "tenant_rate: must be 0 or more, got -1",
+        "warm_interval_s: must be 0 or more, got -0.1"]

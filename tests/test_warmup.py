@@ -79,14 +79,14 @@ def test_warm_ups_start_no_closer_than_the_interval():
     class Clock:
         now = 0.0
 
-    clock, slept = Clock(), []
+    clock, slept, paced = Clock(), [], True
 
     async def sleep(seconds: float) -> None:  # time passes only when the queue waits
         slept.append(seconds)
         clock.now += seconds
 
     async def scenario() -> list[float]:
-        warmups = Warmups(0.5, clock=lambda: clock.now, sleep=sleep)
+        warmups = Warmups(0.5, paced=lambda: paced, clock=lambda: clock.now, sleep=sleep)
         starts: list[float] = []
 
         def run(cost: float):
@@ -102,6 +102,8 @@ def test_warm_ups_start_no_closer_than_the_interval():
     # p1's warm-up took longer than the interval, so p2 started right after it.
     assert starts == pytest.approx([0.0, 0.5, 1.3, 1.8])
     assert slept == pytest.approx([0.4, 0.4])
+    paced, clock.now, slept[:] = False, 0.0, []  # not serving yet (starting): back to back
+    assert asyncio.run(scenario()) == pytest.approx([0.0, 0.1, 0.9, 1.0]) and slept == []
 
 
 def test_a_failure_reaches_the_waiters_and_the_queue_goes_on():
