@@ -25,6 +25,9 @@ from classification.errors import ApplianceError
 
 INLINE = "inline"
 UNKNOWN = "unknown"
+# Why a request (or a batch item) was refused: a fixed set, so the label cannot grow.
+REFUSAL_REASONS = ("in_flight", "tenant_share", "batch_share", "rate", "batch_items", "batch_prompts",
+                   "batch_policies", "item_policies", "batch_deadline")
 # 1 ms to 2 min: a cached binary verdict on a GPU takes milliseconds, a high-effort one on a CPU a minute.
 SCRAPE_TIMEOUT_S = 10.0  # a scrape connection that sends nothing for this long is closed
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -96,6 +99,9 @@ class Metrics:
                                          "endpoint was unreachable or died mid-stream", ["endpoint"], registry=r)
         self.warmups = Counter("safeguard_prefix_warmups", "Prefill-only requests that warm a policy prefix, by "
                                "outcome", ["outcome"], registry=r)
+        self.refusals = Counter("safeguard_refusals", "Requests refused by a limit, and batch items cut by the batch "
+                                "deadline, by reason", ["reason"], registry=r)
+        self._refusals = {reason: self.refusals.labels(reason) for reason in REFUSAL_REASONS}
         self._series: dict[str, _PolicySeries] = {}
 
     def observe(self, o: Observation) -> None:
@@ -125,6 +131,10 @@ class Metrics:
             self.cached_tokens.labels(policy), self.reasoning_tokens.labels(policy),
             self.output_tokens.labels(policy))
         return series
+
+    def refused(self, reason: str, count: int = 1) -> None:
+        """Count refusals; `reason` is one of REFUSAL_REASONS (another is a bug, and raises KeyError)."""
+        self._refusals[reason].inc(count)
 
     def failed(self, policy: str, outcome: str) -> None:
         """Record a classification that ended in an error status (`outcome`: the lowercase code name)."""

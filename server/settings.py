@@ -84,6 +84,32 @@ class ServerSettings:
     batch_concurrency: int = _setting(8, "prompts one ClassifyBatch runs at once (each takes an in-flight slot)")
     default_timeout_s: float = _setting(120.0, "deadline of a request whose client sets none, in seconds")
 
+    # -- bounded work: what a request costs, and what one caller may take (server/batch_plan.py, limits.py,
+    #    rate_limit.py, warmup.py) -------------------------------------------------------------------------------
+    max_batch_prompts: int = _setting(1024, "most prompts one ClassifyBatch may fan out to: each item once per "
+                                            "distinct policy it is classified against, duplicates collapsed")
+    max_batch_policies: int = _setting(16, "most distinct policies one ClassifyBatch may name (shared and per-item "
+                                           "together)")
+    max_item_policies: int = _setting(8, "most distinct policies one batch item may be classified against")
+    batch_timeout_s: float = _setting(300.0, "overall deadline of a ClassifyBatch, in seconds (a sooner client "
+                                             "deadline wins): items unfinished by then answer DEADLINE_EXCEEDED and "
+                                             "the stream ends cleanly")
+    tenant_in_flight_share: float = _setting(
+        0.75, "share of max_in_flight one tenant may hold, so other tenants still get in; the anonymous caller "
+              "(authentication off, when every request is the default tenant's) is exempt: it is then the only "
+              "tenant, and a share would only leave slots idle")
+    batch_in_flight_share: float = _setting(
+        0.75, "share of max_in_flight one tenant's batches may hold together (the anonymous caller included), so "
+              "single requests still get in beside bulk work; a batch past it runs with fewer slots, down to one")
+    tenant_rate: float = _setting(0.0, "classification requests a second one tenant may send (a batch counts "
+                                       "once); past it RESOURCE_EXHAUSTED with a retry hint. With authentication "
+                                       "off all callers share the default tenant's. 0: no limit")
+    tenant_burst: int = _setting(20, "requests a tenant may send at once above tenant_rate (its bucket's size)")
+    warm_interval_s: float = _setting(0.2, "least seconds between the starts of two policy prefix warm-ups while "
+                                           "serving (at start they run back to back); they run one at a time and "
+                                           "coalesce per policy, and an activation answers once its warm-up ran, so "
+                                           "activating policies in a loop cannot crowd classification out")
+
     # -- housekeeping -----------------------------------------------------------------------------------------
     health_interval_s: float = _setting(0.5, "seconds between readiness probes of each Triton endpoint")
     policy_refresh_s: float = _setting(2.0, "seconds between checks for policy activations made by other "
@@ -181,6 +207,17 @@ def _problems(s: ServerSettings) -> list[tuple[str, str]]:
     for name in ("default_timeout_s", "health_interval_s", "policy_refresh_s"):
         if not getattr(s, name) > 0:
             found.append((name, f"must be more than 0, got {getattr(s, name)}"))
+    for name in ("max_batch_prompts", "max_batch_policies", "max_item_policies", "tenant_burst"):
+        if getattr(s, name) < 1:
+            found.append((name, f"must be at least 1, got {getattr(s, name)}"))
+    for name in ("tenant_in_flight_share", "batch_in_flight_share"):
+        if not 0 < getattr(s, name) <= 1:
+            found.append((name, f"must be more than 0 and at most 1, got {getattr(s, name)}"))
+    if not s.batch_timeout_s > 0:
+        found.append(("batch_timeout_s", f"must be more than 0, got {s.batch_timeout_s}"))
+    for name in ("tenant_rate", "warm_interval_s"):
+        if getattr(s, name) < 0:
+            found.append((name, f"must be 0 or more, got {getattr(s, name)}"))
     if s.grace_s < 0:
         found.append(("grace_s", f"must be 0 or more, got {s.grace_s}"))
     if s.log_level not in ("debug", "info", "warning", "error"):
