@@ -31,13 +31,14 @@ class AlreadyExists(ServiceError):
     code = "ALREADY_EXISTS"
 
 
-def check_request_id(given: str) -> None:
-    """Raise INVALID_ARGUMENT unless `given` is a well-formed request id (or empty)."""
+def check_request_id(given: str, field: str = "request_id") -> None:
+    """Raise INVALID_ARGUMENT unless `given` is a well-formed request id (or empty). A batch item's id follows the
+    same rule (`field` names it), as it becomes part of the item's request id, "<request_id>/<item_id>"."""
     if len(given) > MAX_LENGTH:
-        raise InvalidArgument(f"request_id is {len(given)} characters; at most {MAX_LENGTH} ({CHARSET})")
+        raise InvalidArgument(f"{field} is {len(given)} characters; at most {MAX_LENGTH} ({CHARSET})")
     if given and not _PATTERN.fullmatch(given):
         bad = next(c for c in given if not _PATTERN.fullmatch(c))
-        raise InvalidArgument(f"request_id has the character {bad!r}; a request id is made of {CHARSET}")
+        raise InvalidArgument(f"{field} has the character {bad!r}; it must be made of {CHARSET}")
 
 
 class RequestIds:

@@ -42,7 +42,7 @@ from server.generated.safeguard.v1 import safeguard_pb2_grpc as pb_grpc
 from server.jobs import BatchJob, BatchOutcome, Classification, ClassifyJob, PolicyInfo, ReasoningText, Selector
 from server.metrics import Metrics, MetricsServer, serve_metrics
 from server.registry import Registry
-from server.request_ids import RequestIds
+from server.request_ids import RequestIds, check_request_id
 from server.settings import ServerSettings, ServerSettingsError
 
 log = logging.getLogger("safeguard.servicer")
@@ -189,6 +189,7 @@ def _batch_item(index: int, item: pb.BatchItem, shared: list[Selector]) -> tuple
                                                                                    list[Selector]]:
     """One item for the core; content it cannot use becomes that item's error instead of failing the batch."""
     try:
+        check_request_id(item.item_id, f"items[{index}].item_id")
         content: Content | ServiceError = content_of(item.content)
     except ServiceError as exc:
         content = exc

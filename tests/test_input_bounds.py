@@ -129,6 +129,20 @@ def test_a_malformed_request_id_is_invalid_argument(api, request_id):
                                                      or "letters, digits" in error.details())
 
 
+def test_a_malformed_batch_item_id_fails_that_item_alone(api):
+    async def results() -> list[pb.BatchResult]:
+        items = [pb.BatchItem(item_id="ok-1", content=pb.Content(text="x")),
+                 pb.BatchItem(item_id="bad id\u202e", content=pb.Content(text="x"))]
+        call = api.stub.ClassifyBatch(pb.ClassifyBatchRequest(policies=[pb.PolicySelector(ref="smoke")],
+                                                              items=items))
+        return [result async for result in call]
+
+    by_id = {r.item_id: r for r in api.run(results())}
+    assert by_id["ok-1"].HasField("result")
+    bad = by_id["bad id\u202e"].error
+    assert bad.code == "INVALID_ARGUMENT" and "items[1].item_id has the character ' '" in bad.message
+
+
 def test_well_formed_request_ids_are_echoed(api):
     for request_id in ["a" * MAX_LENGTH, "123e4567-e89b-12d3-a456-426614174000", "job-7:42.retry_1"]:
         assert api.call("Classify", classify_request(request_id=request_id)).request_id == request_id
@@ -222,6 +236,10 @@ def test_the_cli_refuses_deeply_nested_front_matter_with_a_message(tmp_path):
         assert "nested too deeply" in result.output or "not imported" in result.output
     result = CliRunner().invoke(main, ["policy", "--state-dir", state, "add", str(directory / "nested.md")])
     assert "error: nested.md: front matter is not valid TOML (arrays or tables nested too deeply)" in result.output
+    (directory / "bidi.md").write_text(policy_text("bidi", version="1.0\u202e"))
+    result = CliRunner().invoke(main, ["policy", "--state-dir", state, "add", str(directory / "bidi.md")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "error: bidi.md: version must be visible characters only" in result.output and "U+202E" in result.output
 
 
 # -- normalisation ------------------------------------------------------------------------------------------------
