@@ -205,8 +205,11 @@ class Classifier:
         effort = job.effort or resolved.policy.reasoning_effort
         prefix = await self.policies.prefix(resolved, effort)
         # The model reads the normalised content when asked for; the audit record hashes what was received.
-        normalise = self.settings.normalise_content or resolved.policy.normalise_input
-        rendered = await self._render(prefix, normalise_content(job.content) if normalise else job.content)
+        content = job.content
+        if self.settings.normalise_content or resolved.policy.normalise_input:
+            content = normalise_content(content)
+            check_content(content)  # invisible characters alone leave nothing to classify
+        rendered = await self._render(prefix, content)
         max_tokens = self._budget(model, len(rendered.ids))
         request = GenerateRequest(rendered.ids, max_tokens, rendered.prefix_len, self.settings.prefix_priority,
                                   job.request_id)

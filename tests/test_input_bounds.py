@@ -255,6 +255,8 @@ def test_a_policy_can_ask_for_normalised_content_and_the_audit_hashes_what_was_r
     assert not api.call("Classify", _inline(hidden, False, "norm-off")).verdict.violation
     assert api.call("Classify", _inline(hidden, True, "norm-on")).verdict.violation
     assert api.call("Classify", _inline("ＢＡＮＡＮＡ here", True, "norm-wide")).verdict.violation
+    error = api.error("Classify", _inline("\u200b\u202e", True, "norm-empty"))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "content.text is empty" in error.details()
     entry, = AuditReader(api.frontend.settings.audit_path).by_request("norm-on")
     assert entry.content_sha256 == hashlib.sha256(serialise(Text(hidden)).encode()).hexdigest()
 
