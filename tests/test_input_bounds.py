@@ -273,3 +273,13 @@ def test_the_server_wide_setting_normalises_every_policy(api, tmp_path):
             await frontend.stop(grace=1)
 
     assert api.run(scenario())
+
+
+def test_the_label_cap_is_a_validated_setting():
+    from server.settings import ServerSettings, ServerSettingsError
+
+    with pytest.raises(ServerSettingsError, match="metrics_policy_labels: must be 0 or more, got -1"):
+        ServerSettings(metrics_policy_labels=-1).validate()
+    metrics = Metrics(policy_labels=0)
+    metrics.observe(_observation("spam", None))
+    assert _label_values(metrics, "policy") == {"other"}
