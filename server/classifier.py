@@ -27,6 +27,7 @@ from openai_harmony import HarmonyEncoding
 
 from classification.completion import ParsedCompletion, parse_completion
 from classification.content import Content, serialise
+from classification.normalise import normalise_content
 from classification.render import PromptPrefix, RenderedPrompt, content_encoder
 from classification.verdict import Verdict, parse_verdict
 from server.audit import AuditLog, AuditRecord
@@ -261,7 +262,12 @@ class Classifier:
         model = self._require_model()
         effort = job.effort or resolved.policy.reasoning_effort
         prefix = await self.policies.prefix(resolved, effort)
-        rendered = await self._render(prefix, job.content)
+        # The model reads the normalised content when asked for; the audit record hashes what was received.
+        content = job.content
+        if self.settings.normalise_content or resolved.policy.normalise_input:
+            content = normalise_content(content)
+            check_content(content)  # invisible characters alone leave nothing to classify
+        rendered = await self._render(prefix, content)
         max_tokens = self._budget(model, len(rendered.ids))
         request = GenerateRequest(rendered.ids, max_tokens, rendered.prefix_len, self.settings.prefix_priority,
                                   job.request_id)
@@ -331,7 +337,7 @@ class Classifier:
             resolved.label, timings.queue_ms / 1000, timings.time_to_first_token_ms / 1000,
             timings.time_to_verdict_ms / 1000, timings.total_ms / 1000, usage.prompt_tokens,
             usage.cached_prompt_tokens, usage.reasoning_tokens, usage.output_tokens, verdict.status,
-            verdict.violation, verdict.category))
+            verdict.violation, verdict.category, resolved.policy.output.categories))
 
     def _reported_info(self, resolved: ResolvedPolicy) -> PolicyInfo:
         # A pinned version's activity changes over time; the cached info is as of when it was loaded.

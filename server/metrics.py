@@ -2,10 +2,16 @@
 
 Conventions follow Prometheus and vLLM: token figures are counters, so `rate(cached_prompt_tokens_total) /
 rate(prompt_tokens_total)` is the prefix-cache hit rate (vLLM's `prefix_cache_hits` / `prefix_cache_queries`);
-latencies are histograms in seconds. The `policy` label is a registered policy id, `inline` for inline policies,
-or `unknown` when the request never resolved one: a client must not be able to mint label values, or a typo
-loop would grow the series without bound. Each front end owns its `CollectorRegistry`, so several can live in
-one process (the tests do).
+latencies are histograms in seconds. Each front end owns its `CollectorRegistry`, so several can live in one
+process (the tests do).
+
+No label value comes from what a caller sends, or a loop of new ids would grow the series without bound:
+
+- `policy`: the id of a policy that resolved in the registry, for the first `policy_labels` distinct ids seen
+  (the setting `metrics_policy_labels`); any further id is counted as `other`. `inline` for inline policies,
+  `unknown` when the request never resolved a policy.
+- `category`: one of the policy's declared categories; `undeclared` for any string the model wrote that the
+  policy does not declare (always so under a policy without declared categories), `none` when there is none.
 """
 
 from __future__ import annotations
@@ -28,6 +34,10 @@ UNKNOWN = "unknown"
 # Why a request (or a batch item) was refused: a fixed set, so the label cannot grow.
 REFUSAL_REASONS = ("in_flight", "tenant_share", "batch_share", "rate", "batch_items", "batch_prompts",
                    "batch_policies", "item_policies", "batch_deadline")
+OTHER = "other"
+UNDECLARED = "undeclared"
+NO_CATEGORY = "none"
+DEFAULT_POLICY_LABELS = 64
 # 1 ms to 2 min: a cached binary verdict on a GPU takes milliseconds, a high-effort one on a CPU a minute.
 SCRAPE_TIMEOUT_S = 10.0  # a scrape connection that sends nothing for this long is closed
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -49,6 +59,13 @@ class Observation:
     parse_status: str
     violation: bool | None
     category: str | None
+    declared_categories: tuple[str, ...] = ()  # the policy's; any other category is counted as `undeclared`
+
+
+def category_label(category: str | None, declared: tuple[str, ...]) -> str:
+    if category is None:
+        return NO_CATEGORY
+    return category if category in declared else UNDECLARED
 
 
 @dataclass(frozen=True)
@@ -67,7 +84,10 @@ class _PolicySeries:
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None):
+    def __init__(self, registry: CollectorRegistry | None = None, policy_labels: int = DEFAULT_POLICY_LABELS):
+        self.policy_labels = policy_labels
+        self._named: set[str] = set()  # the policy ids that have a label of their own
+        self._named_lock = threading.Lock()
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self.requests = Counter("safeguard_requests", "Classifications by policy and outcome (ok, or the lowercase "
@@ -104,9 +124,21 @@ class Metrics:
         self._refusals = {reason: self.refusals.labels(reason) for reason in REFUSAL_REASONS}
         self._series: dict[str, _PolicySeries] = {}
 
+    def policy_label(self, policy: str) -> str:
+        """The `policy` label value for `policy` (see the module docstring): at most `policy_labels` ids plus the
+        reserved values ever appear."""
+        if policy in (INLINE, UNKNOWN) or policy in self._named:
+            return policy
+        with self._named_lock:
+            if len(self._named) >= self.policy_labels:
+                return OTHER
+            self._named.add(policy)
+        return policy
+
     def observe(self, o: Observation) -> None:
         """Record one classification that produced a result (whatever its parse status)."""
-        s = self._series.get(o.policy) or self._bind(o.policy)
+        policy = self.policy_label(o.policy)
+        s = self._series.get(policy) or self._bind(policy)
         s.ok.inc()
         s.queue.observe(o.queue_s)
         if o.time_to_first_token_s is not None:
@@ -119,9 +151,10 @@ class Metrics:
         s.reasoning_tokens.inc(o.reasoning_tokens)
         s.output_tokens.inc(o.output_tokens)
         if o.violation is not None:
-            self.verdicts.labels(o.policy, "true" if o.violation else "false", o.category or "none").inc()
+            self.verdicts.labels(policy, "true" if o.violation else "false",
+                                 category_label(o.category, o.declared_categories)).inc()
         if o.parse_status != "ok":
-            self.parse_failures.labels(o.policy, o.parse_status).inc()
+            self.parse_failures.labels(policy, o.parse_status).inc()
 
     def _bind(self, policy: str) -> _PolicySeries:
         # labels() is a locked dict lookup per call; a request touches nine series, so bind them once per policy.
@@ -138,7 +171,7 @@ class Metrics:
 
     def failed(self, policy: str, outcome: str) -> None:
         """Record a classification that ended in an error status (`outcome`: the lowercase code name)."""
-        self.requests.labels(policy, outcome).inc()
+        self.requests.labels(self.policy_label(policy), outcome).inc()
 
 
 @dataclass

@@ -44,6 +44,7 @@ from server.generated.safeguard.v1 import safeguard_pb2_grpc as pb_grpc
 from server.jobs import BatchJob, BatchOutcome, Classification, ClassifyJob, PolicyInfo, ReasoningText, Selector
 from server.metrics import Metrics, MetricsServer, serve_metrics
 from server.registry import Registry
+from server.request_ids import RequestIds, check_request_id
 from server.settings import ServerSettings, ServerSettingsError
 
 log = logging.getLogger("safeguard.servicer")
@@ -93,12 +94,6 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
-def _request_id(given: str) -> str:
-    request_id = given or slog.new_request_id()
-    slog.request_id_var.set(request_id)
-    return request_id
-
-
 # -- protos out ---------------------------------------------------------------------------------------------------
 
 def verdict_proto(v: Verdict) -> pb.Verdict:
@@ -140,33 +135,37 @@ def batch_result_proto(o: BatchOutcome) -> pb.BatchResult:
 class SafeguardServicer(pb_grpc.SafeguardServicer):
     def __init__(self, classifier: Classifier):
         self.classifier = classifier
+        self.request_ids = RequestIds()  # server/request_ids.py: the id rules, duplicates refused while in flight
 
-    def _job(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> ClassifyJob:
+    def _job(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext, request_id: str) -> ClassifyJob:
         arrival = time.perf_counter()
         return ClassifyJob(selector_of(request.policy), content_of(request.content),
                            effort_of(request.reasoning_effort), request.include_reasoning,
-                           _request_id(request.request_id), arrival, _deadline(context))
+                           request_id, arrival, _deadline(context))
 
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
-        return response_proto(await self.classifier.classify(self._job(request, context)))
+        with self.request_ids.claim(request.request_id) as request_id:
+            return response_proto(await self.classifier.classify(self._job(request, context, request_id)))
 
     async def ClassifyStream(self, request: pb.ClassifyRequest,
                              context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ClassifyEvent]:
-        async for item in self.classifier.stream(self._job(request, context)):
-            if isinstance(item, ReasoningText):
-                yield pb.ClassifyEvent(reasoning=pb.ReasoningDelta(text=item.text))
-            else:
-                yield pb.ClassifyEvent(result=response_proto(item))
+        with self.request_ids.claim(request.request_id) as request_id:
+            async for item in self.classifier.stream(self._job(request, context, request_id)):
+                if isinstance(item, ReasoningText):
+                    yield pb.ClassifyEvent(reasoning=pb.ReasoningDelta(text=item.text))
+                else:
+                    yield pb.ClassifyEvent(result=response_proto(item))
 
     async def ClassifyBatch(self, request: pb.ClassifyBatchRequest,
                             context: grpc.aio.ServicerContext) -> AsyncIterator[pb.BatchResult]:
         arrival = time.perf_counter()
-        shared = [selector_of(s) for s in request.policies]
-        job = BatchJob([_batch_item(i, item, shared) for i, item in enumerate(request.items)],
-                       effort_of(request.reasoning_effort), request.include_reasoning,
-                       _request_id(request.request_id), arrival, _deadline(context))
-        async for outcome in self.classifier.batch(job):
-            yield batch_result_proto(outcome)
+        with self.request_ids.claim(request.request_id) as request_id:
+            shared = [selector_of(s) for s in request.policies]
+            job = BatchJob([_batch_item(i, item, shared) for i, item in enumerate(request.items)],
+                           effort_of(request.reasoning_effort), request.include_reasoning,
+                           request_id, arrival, _deadline(context))
+            async for outcome in self.classifier.batch(job):
+                yield batch_result_proto(outcome)
 
     async def PutPolicy(self, request: pb.PutPolicyRequest, context: grpc.aio.ServicerContext) -> pb.PolicyVersion:
         return policy_proto(await self.classifier.put_policy(request.text, request.activate))
@@ -192,6 +191,7 @@ def _batch_item(index: int, item: pb.BatchItem, shared: list[Selector]) -> tuple
                                                                                    list[Selector]]:
     """One item for the core; content it cannot use becomes that item's error instead of failing the batch."""
     try:
+        check_request_id(item.item_id, f"items[{index}].item_id")
         content: Content | ServiceError = content_of(item.content)
     except ServiceError as exc:
         content = exc
@@ -332,7 +332,7 @@ def build_server(settings: ServerSettings) -> Frontend:
     """Assemble the front end (call inside the event loop that will run it: grpc.aio binds to it)."""
     settings.validate()
     certificates, by_certificate = tls.load_certificates(settings), certificate_authenticator(settings)
-    metrics = Metrics()
+    metrics = Metrics(policy_labels=settings.metrics_policy_labels)
     audit = AuditLog(settings.audit_path, store_rationale=settings.audit_store_rationale,
                      store_content=settings.audit_store_content)
     try:

@@ -110,6 +110,14 @@ class ServerSettings:
                                            "coalesce per policy, and an activation answers once its warm-up ran, so "
                                            "activating policies in a loop cannot crowd classification out")
 
+    # -- input bounds and content clean-up (issue G, items 4 and 5) -------------------------------------------
+    metrics_policy_labels: int = _setting(64, "policy ids that get a metrics label of their own (the first seen "
+                                              "that resolve in the registry); further ids are counted as 'other'")
+    normalise_content: bool = _setting(False, "before classification, apply Unicode NFKC and remove zero-width "
+                                              "and bidi-control characters from all content (a policy can ask "
+                                              "for it alone with normalise_input = true); the audit record "
+                                              "keeps the hash of the content as received")
+
     # -- housekeeping -----------------------------------------------------------------------------------------
     health_interval_s: float = _setting(0.5, "seconds between readiness probes of each Triton endpoint")
     policy_refresh_s: float = _setting(2.0, "seconds between checks for policy activations made by other "
@@ -204,6 +212,8 @@ def _problems(s: ServerSettings) -> list[tuple[str, str]]:
                  "max_in_flight", "batch_concurrency"):
         if getattr(s, name) < 1:
             found.append((name, f"must be at least 1, got {getattr(s, name)}"))
+    if s.metrics_policy_labels < 0:
+        found.append(("metrics_policy_labels", f"must be 0 or more, got {s.metrics_policy_labels}"))
     for name in ("default_timeout_s", "health_interval_s", "policy_refresh_s"):
         if not getattr(s, name) > 0:
             found.append((name, f"must be more than 0, got {getattr(s, name)}"))
