@@ -40,7 +40,7 @@ SEND_KEY_HINT = "send an API key as 'authorization: Bearer sgk_...' (or 'x-api-k
 _SCRYPT = {"n": 2 ** 14, "r": 8, "p": 1, "dklen": 32}
 _ID_BYTES = 6
 _KEY_SHAPE = re.compile(r"^sgk_([0-9a-f]{12})_([A-Za-z0-9_-]{20,128})$")
-_TENANT_SHAPE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+_TENANT_SHAPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # as server/client_certs.py accepts
 # Tokens that failed verification, remembered so a client retrying a wrong key does not cost scrypt every time.
 _FAILED_REMEMBERED = 1024
 _SCHEMA = """CREATE TABLE IF NOT EXISTS keys (
@@ -98,8 +98,8 @@ def _hash(secret: str, salt: bytes) -> bytes:
 
 def check_tenant(tenant: str) -> str:
     if not _TENANT_SHAPE.match(tenant):
-        raise KeyStoreError(f"tenant {tenant!r} is not a valid name: 1 to 64 of a-z, 0-9, '.', '_' and '-', starting "
-                        "with a letter or digit")
+        raise KeyStoreError(f"tenant {tenant!r} is not a valid name: 1 to 64 letters, digits, '.', '_' or '-', "
+                            "starting with a letter or digit")
     return tenant
 
 

@@ -38,9 +38,11 @@ from classification.content import Chat, Content, PromptResponse, Text, Turn
 from classification.verdict import EXTRA_MESSAGES, MALFORMED, MISSING_FINAL, OK, TRUNCATED, Verdict
 from classification.vocab import load_harmony_encoding
 from server import log as slog
+from server import tls
 from server.audit import AuditLog
 from server.auth import Authentication, AuthInterceptor
 from server.classifier import Classifier
+from server.client_certs import CertificateAuthenticator, certificate_authenticator
 from server.errors import InvalidArgument, PermissionDenied, ServiceError
 from server.generated.safeguard.v1 import safeguard_pb2 as pb
 from server.generated.safeguard.v1 import safeguard_pb2_grpc as pb_grpc
@@ -49,6 +51,7 @@ from server.jobs import BatchJob, BatchOutcome, Classification, ClassifyJob, Pol
 from server.keys import KeyAuthenticator, KeyStore
 from server.metrics import Metrics, MetricsServer, serve_metrics
 from server.registry import Registry
+from server.request_ids import RequestIds, check_request_id
 from server.settings import ServerSettings, ServerSettingsError
 from server.state import keys_path
 
@@ -99,12 +102,6 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
-def _request_id(given: str) -> str:
-    request_id = given or slog.new_request_id()
-    slog.request_id_var.set(request_id)
-    return request_id
-
-
 # -- protos out ---------------------------------------------------------------------------------------------------
 
 def verdict_proto(v: Verdict) -> pb.Verdict:
@@ -146,6 +143,7 @@ def batch_result_proto(o: BatchOutcome) -> pb.BatchResult:
 class SafeguardServicer(pb_grpc.SafeguardServicer):
     def __init__(self, classifier: Classifier, *, serves_changes: bool = True):
         self.classifier = classifier
+        self.request_ids = RequestIds()  # server/request_ids.py: the id rules, duplicates refused while in flight
         self.serves_changes = serves_changes  # False on the main listener when admin_listen is set
 
     def _changer(self) -> Identity:
@@ -154,32 +152,35 @@ class SafeguardServicer(pb_grpc.SafeguardServicer):
                                    "admin_listen address); send PutPolicy, ActivatePolicy and RollbackPolicy there")
         return current_identity.get()
 
-    def _job(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> ClassifyJob:
+    def _job(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext, request_id: str) -> ClassifyJob:
         arrival = time.perf_counter()
         return ClassifyJob(selector_of(request.policy), content_of(request.content),
                            effort_of(request.reasoning_effort), request.include_reasoning,
-                           _request_id(request.request_id), arrival, _deadline(context), current_identity.get())
+                           request_id, arrival, _deadline(context), current_identity.get())
 
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
-        return response_proto(await self.classifier.classify(self._job(request, context)))
+        with self.request_ids.claim(request.request_id) as request_id:
+            return response_proto(await self.classifier.classify(self._job(request, context, request_id)))
 
     async def ClassifyStream(self, request: pb.ClassifyRequest,
                              context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ClassifyEvent]:
-        async for item in self.classifier.stream(self._job(request, context)):
-            if isinstance(item, ReasoningText):
-                yield pb.ClassifyEvent(reasoning=pb.ReasoningDelta(text=item.text))
-            else:
-                yield pb.ClassifyEvent(result=response_proto(item))
+        with self.request_ids.claim(request.request_id) as request_id:
+            async for item in self.classifier.stream(self._job(request, context, request_id)):
+                if isinstance(item, ReasoningText):
+                    yield pb.ClassifyEvent(reasoning=pb.ReasoningDelta(text=item.text))
+                else:
+                    yield pb.ClassifyEvent(result=response_proto(item))
 
     async def ClassifyBatch(self, request: pb.ClassifyBatchRequest,
                             context: grpc.aio.ServicerContext) -> AsyncIterator[pb.BatchResult]:
         arrival = time.perf_counter()
-        shared = [selector_of(s) for s in request.policies]
-        job = BatchJob([_batch_item(i, item, shared) for i, item in enumerate(request.items)],
-                       effort_of(request.reasoning_effort), request.include_reasoning,
-                       _request_id(request.request_id), arrival, _deadline(context), current_identity.get())
-        async for outcome in self.classifier.batch(job):
-            yield batch_result_proto(outcome)
+        with self.request_ids.claim(request.request_id) as request_id:
+            shared = [selector_of(s) for s in request.policies]
+            job = BatchJob([_batch_item(i, item, shared) for i, item in enumerate(request.items)],
+                           effort_of(request.reasoning_effort), request.include_reasoning,
+                           request_id, arrival, _deadline(context), current_identity.get())
+            async for outcome in self.classifier.batch(job):
+                yield batch_result_proto(outcome)
 
     async def PutPolicy(self, request: pb.PutPolicyRequest, context: grpc.aio.ServicerContext) -> pb.PolicyVersion:
         return policy_proto(await self.classifier.put_policy(request.text, request.activate, self._changer()))
@@ -206,6 +207,7 @@ def _batch_item(index: int, item: pb.BatchItem, shared: list[Selector]) -> tuple
                                                                                    list[Selector]]:
     """One item for the core; content it cannot use becomes that item's error instead of failing the batch."""
     try:
+        check_request_id(item.item_id, f"items[{index}].item_id")
         content: Content | ServiceError = content_of(item.content)
     except ServiceError as exc:
         content = exc
@@ -308,6 +310,8 @@ class Frontend:
     metrics: Metrics
     audit: AuditLog
     metrics_server: MetricsServer | None = None
+    certificates: tls.ReloadingCertificates | None = None  # TLS on: the (reloading) certificate files
+    certificate_authenticator: CertificateAuthenticator | None = None  # mutual TLS with a client_cert_map
     admin_server: grpc.aio.Server | None = None  # serves the policy changes when admin_listen is set
     admin_port: int | None = None
 
@@ -325,7 +329,8 @@ class Frontend:
             await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         self.classifier.on_readiness = self._readiness
-        self.metrics_server = serve_metrics(self.metrics, self.settings.metrics_address, self.settings.metrics_port)
+        self.metrics_server = serve_metrics(self.metrics, self.settings.metrics_address, self.settings.metrics_port,
+                                            self.certificates.https_context if self.certificates else None)
         await self.server.start()
         if self.admin_server is not None:
             await self.admin_server.start()
@@ -351,14 +356,16 @@ class Frontend:
 def build_server(settings: ServerSettings) -> Frontend:
     """Assemble the front end (call inside the event loop that will run it: grpc.aio binds to it)."""
     settings.validate()
-    metrics = Metrics()
+    certificates, by_certificate = tls.load_certificates(settings), certificate_authenticator(settings)
+    metrics = Metrics(policy_labels=settings.metrics_policy_labels)
     audit = AuditLog(settings.audit_path, store_rationale=settings.audit_store_rationale,
                      store_content=settings.audit_store_content)
     try:
         encoding = load_harmony_encoding(Path(settings.model_dir).expanduser() if settings.model_dir else None)
         classifier = Classifier(settings, Registry(settings.state_path), audit, metrics, encoding)
         authentication = Authentication(settings.auth, KeyAuthenticator(KeyStore(keys_path(settings.state_dir)),
-                                                                        settings.key_refresh_s))
+                                                                        settings.key_refresh_s),
+                                        () if by_certificate is None else (by_certificate,))
         authentication.check_exposure(settings)
     except BaseException:
         audit.close()
@@ -367,7 +374,8 @@ def build_server(settings: ServerSettings) -> Frontend:
     server = _grpc_server(SafeguardServicer(classifier, serves_changes=not settings.admin_listen), health_servicer,
                           authentication)
     try:
-        port = server.add_insecure_port(settings.listen)
+        port = (server.add_insecure_port(settings.listen) if certificates is None
+                else server.add_secure_port(settings.listen, tls.server_credentials(certificates)))
     except RuntimeError:
         audit.close()
         raise ServerSettingsError(f"cannot listen on {settings.listen}: the address is in use or not "
@@ -376,13 +384,16 @@ def build_server(settings: ServerSettings) -> Frontend:
     if settings.admin_listen:
         admin_server = _grpc_server(SafeguardServicer(classifier), health_servicer, authentication)
         try:
-            admin_port = admin_server.add_insecure_port(settings.admin_listen)
+            admin_port = (admin_server.add_insecure_port(settings.admin_listen) if certificates is None
+                          else admin_server.add_secure_port(settings.admin_listen,
+                                                            tls.server_credentials(certificates)))
         except RuntimeError:
             audit.close()
             raise ServerSettingsError(f"cannot listen on {settings.admin_listen} (admin_listen): the address is in "
                                       "use or not available on this host") from None
     return Frontend(settings, server, port, classifier, health_servicer, metrics, audit,
-                    admin_server=admin_server, admin_port=admin_port)
+                    certificates=certificates, certificate_authenticator=by_certificate, admin_server=admin_server,
+                    admin_port=admin_port)
 
 
 def _grpc_server(servicer: SafeguardServicer, health_servicer: health.aio.HealthServicer,
