@@ -229,7 +229,9 @@ def test_no_authentication_on_a_non_loopback_address_refuses_to_start(api, tmp_p
     fresh = tmp_path / "fresh"  # no keys: auth=auto would leave the API open
 
     async def build(state, **more):
-        frontend = build_server(frontend_settings(api.triton_url, state, **changes, **more))
+        # Plaintext off loopback is refused on its own (test_tls.py); allowed here to reach the auth refusal.
+        frontend = build_server(frontend_settings(api.triton_url, state, **changes, **more,
+                                                  allow_insecure_listen=True))
         frontend.audit.close()
         return frontend
 
@@ -285,3 +287,37 @@ def test_the_python_client_and_the_cli_send_the_api_key(api):
     assert sent.exit_code == 0 and "policy smoke@1.0.0" in sent.output, sent.output
     unsent = api.run(asyncio.to_thread(with_cli, {}))
     assert unsent.exit_code == 1 and "UNAUTHENTICATED" in unsent.output
+
+
+def test_a_client_certificate_is_an_identity_with_its_tenant_and_scopes(api, tmp_path):
+    from test_tls import CERT_MAP
+    from tls_certs import TestCA, require_openssl
+
+    require_openssl()
+    ca = TestCA(tmp_path / "ca")
+    server, billing, stranger = ca.server(), ca.client("billing", "billing"), ca.client("stranger", "stranger")
+    (tmp_path / "clients.toml").write_text(CERT_MAP)  # billing: tenant acme, classify and policy:read
+    settings = frontend_settings(api.triton_url, api.state, audit_wait=True, tls_cert=str(server.cert),
+                                 tls_key=str(server.key), tls_client_ca=str(ca.cert),
+                                 client_cert_map=str(tmp_path / "clients.toml"))
+    frontend, plain = api.run(open_frontend(settings))
+    api.run(plain.close())
+
+    def channel(client) -> grpc.aio.Channel:
+        return grpc.aio.secure_channel(frontend.address, grpc.ssl_channel_credentials(
+            ca.cert.read_bytes(), client.key.read_bytes(), client.pem))
+
+    as_billing, as_stranger = channel(billing), channel(stranger)
+    try:
+        answer = api.rpc("Classify", classify_request(request_id="by-cert"), api=as_billing)
+        assert answer.policy.id == "smoke"  # smoke is registered only in acme's registry
+        [record] = AuditReader(audit_path(api.state)).by_request("by-cert")
+        assert record.tenant == "acme" and record.principal.startswith("cert:") and "billing" in record.principal
+        denied = api.refused("PutPolicy", pb.PutPolicyRequest(text=_policy("by-cert")), api=as_billing)
+        assert denied.code() == grpc.StatusCode.PERMISSION_DENIED and "policy:write" in denied.details()
+        unmapped = api.refused("Classify", classify_request(), api=as_stranger)
+        assert unmapped.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        api.run(as_billing.close())
+        api.run(as_stranger.close())
+        api.run(frontend.stop(grace=1))

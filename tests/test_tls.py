@@ -99,6 +99,7 @@ def tls_settings(pki: Pki, **changes) -> dict:
 @contextmanager
 def serving(triton: TritonServer, state: Path, **changes) -> Iterator[tuple[asyncio.Runner, Frontend]]:
     Registry(state).add(SMOKE, activate=True)
+    Registry(state).add(SMOKE, activate=True, tenant="acme")  # the billing certificate's tenant (CERT_MAP)
     runner = asyncio.Runner()
     frontend = build_server_in(runner, frontend_settings(triton.grpc_url, state, **changes))
     runner.run(frontend.start())
