@@ -238,5 +238,6 @@ class Readiness:
 
 
 def _policy_key(resolved: ResolvedPolicy) -> str:
-    """What warm-ups coalesce on: one policy, whatever its version."""
-    return resolved.info.id
+    """What warm-ups coalesce on: one policy, whatever its version (one tenant's: another tenant's policy of the same
+    id is another policy; tenant names hold no '/')."""
+    return f"{resolved.tenant}/{resolved.info.id}"

@@ -49,6 +49,7 @@ def bench(tmp_path_factory) -> Iterator[Bench]:
     root = tmp_path_factory.mktemp("bounds")
     triton, model = start_canned_triton(root)
     Registry(root / "state").add(SMOKE, activate=True)
+    Registry(root / "state").add(SMOKE, activate=True, tenant="a")  # tenant a reaches only its own policies
     runner = asyncio.Runner()
     frontend, channel = runner.run(open_frontend(frontend_settings(triton.grpc_url, root / "state", **BOUNDED)))
     api = Api(runner, frontend, pb_grpc.SafeguardStub(channel), health_pb2_grpc.HealthStub(channel), channel, model)
