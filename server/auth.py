@@ -85,8 +85,9 @@ class Authentication:
             if found is not None:
                 return found
         if self.enforced():
-            raise Unauthenticated(f"this call needs a credential: {SEND_KEY_HINT}, or present a client "
-                                  "certificate; `appliance keys create` makes a key")
+            certificate = ", or present a mapped client certificate" if self._others else ""
+            raise Unauthenticated(f"this call needs a credential: {SEND_KEY_HINT}{certificate}; `appliance keys "
+                                  "create` makes a key")
         return ANONYMOUS
 
     def check_exposure(self, settings: ServerSettings) -> None:

@@ -420,7 +420,8 @@ async def serve(settings: ServerSettings) -> None:
     try:
         await frontend.start()
         slog.event(log, logging.INFO, "serving", address=frontend.address, endpoints=list(settings.triton_endpoints),
-                   metrics_port=frontend.metrics_server.port if frontend.metrics_server else None)
+                   metrics_port=frontend.metrics_server.port if frontend.metrics_server else None,
+                   **({"admin_address": frontend.admin_address} if frontend.admin_address else {}))
         await stop.wait()
     finally:
         slog.event(log, logging.INFO, "shutting down", grace_s=settings.grace_s)
