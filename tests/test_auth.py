@@ -321,3 +321,27 @@ def test_a_client_certificate_is_an_identity_with_its_tenant_and_scopes(api, tmp
         api.run(as_billing.close())
         api.run(as_stranger.close())
         api.run(frontend.stop(grace=1))
+
+
+def test_modes_and_method_scopes(tmp_path):
+    from server.auth import Authentication, method_scope
+    from server.errors import Unauthenticated
+    from server.identity import ANONYMOUS
+    from server.keys import KeyAuthenticator
+
+    store = KeyStore(tmp_path / "keys.sqlite3")
+    bad = {"x-api-key": "sgk_000000000000_" + "x" * 43}
+    assert Authentication("auto", KeyAuthenticator(store)).identify({}, {}) is ANONYMOUS  # no keys yet: open
+    with pytest.raises(Unauthenticated):
+        Authentication("auto", KeyAuthenticator(store)).identify(bad, {})  # a wrong key is refused even so
+    with pytest.raises(Unauthenticated, match="needs a credential"):
+        Authentication("on", KeyAuthenticator(store)).identify({}, {})
+    store.create("acme", [CLASSIFY])
+    assert Authentication("off", KeyAuthenticator(store)).identify(bad, {}) is ANONYMOUS
+    with pytest.raises(Unauthenticated, match="needs a credential"):
+        Authentication("auto", KeyAuthenticator(store)).identify({}, {})
+
+    assert method_scope("/safeguard.v1.Safeguard/ClassifyBatch") == CLASSIFY
+    assert method_scope("/safeguard.v1.Safeguard/RollbackPolicy") == POLICY_WRITE
+    assert method_scope("/safeguard.v1.Safeguard/SomethingNew") == ADMIN  # unlisted methods fail closed
+    assert method_scope("/grpc.health.v1.Health/Watch") is None
