@@ -94,11 +94,11 @@ class Authentication:
         """Refuse to serve other hosts without authentication, unless the operator said so."""
         exposed = exposed_addresses(settings)
         if exposed and not settings.allow_unauthenticated and not self.enforced():
+            why = f"auth is {self.mode}" + (" and no API key exists" if self.mode == "auto" else "")
             raise ServerSettingsError(
-                f"refusing to listen on {' and '.join(exposed)} without authentication: auth is auto and no API "
-                "key exists, so anyone who reaches the port could classify and change policies. Create a key "
-                "(`appliance keys create --tenant T --scope ...`), listen on 127.0.0.1, or set "
-                "allow_unauthenticated")
+                f"refusing to listen on {' and '.join(exposed)} without authentication: {why}, so anyone who "
+                "reaches the port could classify and change policies. Create a key (`appliance keys create "
+                "--tenant T --scope ...`), listen on 127.0.0.1, or set allow_unauthenticated")
 
 
 def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:

@@ -79,6 +79,11 @@ class PolicyBook:
         self.limits = limits
         self._encode = encode
         self._active: dict[tuple[str, str], ResolvedPolicy] = {}  # by (tenant, policy id)
+        # One registry load per missing active policy, however many requests miss at once (an activation empties
+        # the entry while requests keep arriving); `invalidate` bumps the generation so a load that began before
+        # a change is never cached.
+        self._loading: dict[tuple[str, str], asyncio.Task[ResolvedPolicy]] = {}
+        self._generation: dict[tuple[str, str], int] = {}
         self._pinned = _Lru(PINNED_CACHE)
         self._inline = _Lru(INLINE_CACHE)
         self.renderer: PromptRenderer | None = None  # set once the model fingerprint is known
@@ -91,10 +96,7 @@ class PolicyBook:
                                   "policy.inline_text")
         ref = parse_ref(selector.ref)
         if ref.version is None:
-            found = self._active.get((tenant, ref.policy_id))
-            if found is None:
-                found = self._active[tenant, ref.policy_id] = await self._load(ref.policy_id, None, tenant)
-            return found
+            return await self._resolve_active((tenant, ref.policy_id))
         pinned = self._pinned.get_fresh((tenant, ref))
         if pinned is None:
             pinned = await self._load(ref.policy_id, ref.version, tenant)
@@ -112,7 +114,10 @@ class PolicyBook:
         return found
 
     def invalidate(self, policy_id: str, tenant: str = DEFAULT_TENANT) -> None:
-        self._active.pop((tenant, policy_id), None)
+        key = (tenant, policy_id)
+        self._generation[key] = self._generation.get(key, 0) + 1
+        self._active.pop(key, None)
+        self._loading.pop(key, None)  # requests already waiting on it keep it; new ones load afresh
 
     def cached_active(self) -> list[ResolvedPolicy]:
         return list(self._active.values())
@@ -143,6 +148,28 @@ class PolicyBook:
         tokens = len(self._encode(stored.policy.body))
         return PolicyInfo(stored.info.policy_id, stored.info.version, stored.info.sha256, stored.info.title,
                           stored.active, stored.info.created_unix_ms, tokens)
+
+    async def _resolve_active(self, key: tuple[str, str]) -> ResolvedPolicy:
+        found = self._active.get(key)
+        if found is not None:
+            return found
+        loading = self._loading.get(key)
+        if loading is None:
+            loading = self._loading[key] = asyncio.create_task(self._load_shared(key))
+            # Every waiter may give up; the outcome is still read, so asyncio does not log it as never retrieved.
+            loading.add_done_callback(lambda task: task.cancelled() or task.exception())
+        return await asyncio.shield(loading)
+
+    async def _load_shared(self, key: tuple[str, str]) -> ResolvedPolicy:
+        generation = self._generation.get(key, 0)
+        try:
+            resolved = await self._load(key[1], None, key[0])
+            if self._generation.get(key, 0) == generation:
+                self._active[key] = resolved
+            return resolved
+        finally:
+            if self._loading.get(key) is asyncio.current_task():
+                del self._loading[key]
 
     async def _load(self, policy_id: str, ref: str | None, tenant: str) -> ResolvedPolicy:
         stored = await self.stored(policy_id, ref, tenant)

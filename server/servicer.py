@@ -46,7 +46,7 @@ from server.client_certs import CertificateAuthenticator, certificate_authentica
 from server.errors import InvalidArgument, PermissionDenied, ServiceError
 from server.generated.safeguard.v1 import safeguard_pb2 as pb
 from server.generated.safeguard.v1 import safeguard_pb2_grpc as pb_grpc
-from server.identity import Identity, current_identity
+from server.identity import Authenticator, Identity, current_identity
 from server.jobs import BatchJob, BatchOutcome, Classification, ClassifyJob, PolicyInfo, ReasoningText, Selector
 from server.keys import KeyAuthenticator, KeyStore
 from server.metrics import Metrics, MetricsServer, serve_metrics
@@ -363,9 +363,7 @@ def build_server(settings: ServerSettings) -> Frontend:
     try:
         encoding = load_harmony_encoding(Path(settings.model_dir).expanduser() if settings.model_dir else None)
         classifier = Classifier(settings, Registry(settings.state_path), audit, metrics, encoding)
-        authentication = Authentication(settings.auth, KeyAuthenticator(KeyStore(keys_path(settings.state_dir)),
-                                                                        settings.key_refresh_s),
-                                        () if by_certificate is None else (by_certificate,))
+        authentication = _authentication(settings, by_certificate)
         authentication.check_exposure(settings)
     except BaseException:
         audit.close()
@@ -394,6 +392,19 @@ def build_server(settings: ServerSettings) -> Frontend:
     return Frontend(settings, server, port, classifier, health_servicer, metrics, audit,
                     certificates=certificates, certificate_authenticator=by_certificate, admin_server=admin_server,
                     admin_port=admin_port)
+
+
+def preflight(settings: ServerSettings) -> None:
+    """Raise what `build_server` would refuse (settings, certificate files, exposure without authentication), for
+    commands to check before they start anything slow, such as Triton."""
+    settings.validate()
+    tls.load_certificates(settings)
+    _authentication(settings, certificate_authenticator(settings)).check_exposure(settings)
+
+
+def _authentication(settings: ServerSettings, by_certificate: Authenticator | None) -> Authentication:
+    keys = KeyAuthenticator(KeyStore(keys_path(settings.state_dir)), settings.key_refresh_s)
+    return Authentication(settings.auth, keys, () if by_certificate is None else (by_certificate,))
 
 
 def _grpc_server(servicer: SafeguardServicer, health_servicer: health.aio.HealthServicer,

@@ -345,3 +345,13 @@ def test_modes_and_method_scopes(tmp_path):
     assert method_scope("/safeguard.v1.Safeguard/RollbackPolicy") == POLICY_WRITE
     assert method_scope("/safeguard.v1.Safeguard/SomethingNew") == ADMIN  # unlisted methods fail closed
     assert method_scope("/grpc.health.v1.Health/Watch") is None
+
+
+def test_serve_refuses_an_unauthenticated_exposure_before_starting_triton(tmp_path):
+    repository = tmp_path / "repository"  # empty: Triton would fail to load it, so a refusal must come first
+    repository.mkdir()
+    result = CliRunner().invoke(main, ["serve", "--repository", str(repository), "--listen", "0.0.0.0:0",
+                                       "--allow-insecure-listen", "--state-dir", str(tmp_path / "state")])
+    assert result.exit_code != 0
+    assert "without authentication: auth is auto and no API key exists" in result.output
+    assert "tritonserver" not in result.output
