@@ -20,6 +20,7 @@ from engine.checkpoint.cli import inspect_command, synth_command
 from engine.gpu.profiles_cli import profiles_command
 from server.audit_cli import audit_group
 from server.client_cli import classify_command
+from server.keys_cli import keys_group
 from server.policy_cli import policy_group
 from server.serve_cli import serve_command
 
@@ -44,6 +45,7 @@ main.add_command(audit_group)
 main.add_command(build_command)
 main.add_command(classify_command)
 main.add_command(inspect_command)
+main.add_command(keys_group)
 main.add_command(policy_group)
 main.add_command(profiles_command)
 main.add_command(quickstart_command)

@@ -3,6 +3,11 @@
 The front matter is metadata for the appliance (id, version label, output format, default reasoning effort); only
 the Markdown body goes to the model, as the harmony developer message. A policy version is identified by the
 sha256 of its normalised file text, so the same words always name the same version and any edit is a new one.
+
+What a person reads back (the id, the version label, the title) must show what it is: ids are lowercase ASCII,
+and the version and title refuse control, bidi-control, zero-width and other invisible characters (a U+202E in a
+version label would display it reversed in every listing). Front matter is metadata of a few lines, so it is
+capped in size, and TOML nested too deep for the parser is refused like any other invalid TOML.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import re
 import tomllib
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +29,11 @@ RULE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,31}$")
 # OpenAI's guidance for gpt-oss-safeguard: best at 400 to 600 tokens, still reasonable near 10,000.
 TUNED_TOKENS = (400, 10_000)
 _FENCE = "+++"
+MAX_FRONT_MATTER_CHARS = 16_384
+MAX_LABEL_CHARS = 128  # version labels and titles
+# Unicode categories of characters that do not show as themselves: controls, format characters (bidi controls,
+# zero-width characters, U+061C), line and paragraph separators, surrogates, private use and unassigned.
+_HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"})
 
 
 class PolicyError(ApplianceError):
@@ -74,6 +85,7 @@ class Policy:
     reasoning_effort: str = "medium"
     owner: str = ""
     notes: str = ""
+    normalise_input: bool = False  # NFKC and no invisible characters in content, before classification
     text: str = field(default="", repr=False)  # the normalised file, front matter included
 
     @property
@@ -145,24 +157,59 @@ def _required_str(meta: dict[str, Any], key: str, source: str, problems: list[st
     return value.strip()
 
 
+def hidden_character(value: str) -> str | None:
+    """A description of the first character of `value` that does not show as itself, or None."""
+    for at, char in enumerate(value):
+        if unicodedata.category(char) in _HIDDEN_CATEGORIES:
+            return f"U+{ord(char):04X} {unicodedata.name(char, 'unnamed')} at position {at + 1}"
+    return None
+
+
+def _label(meta: dict[str, Any], key: str, source: str, problems: list[str]) -> str:
+    """A required one-line string a person reads in listings: visible characters only, bounded length."""
+    value = _required_str(meta, key, source, problems)
+    hidden = hidden_character(value)
+    if hidden is not None:
+        problems.append(f"{source}: {key} must be visible characters only (no control, bidi or zero-width "
+                        f"characters); it has {hidden}")
+    if len(value) > MAX_LABEL_CHARS:
+        problems.append(f"{source}: {key} is {len(value)} characters; at most {MAX_LABEL_CHARS}")
+    return value
+
+
+def _front_matter(front: str, source: str) -> dict[str, Any]:
+    if len(front) > MAX_FRONT_MATTER_CHARS:
+        raise PolicyError([f"{source}: the front matter is {len(front):,} characters; at most "
+                           f"{MAX_FRONT_MATTER_CHARS:,} (it holds metadata only: the policy goes after '+++')"])
+    try:
+        return tomllib.loads(front)
+    except tomllib.TOMLDecodeError as exc:
+        raise PolicyError([f"{source}: front matter is not valid TOML ({exc})"]) from None
+    except RecursionError:  # tomllib recurses once per level of nested arrays and inline tables
+        raise PolicyError([f"{source}: front matter is not valid TOML (arrays or tables nested too deeply)"]) from None
+    except ValueError as exc:  # what else tomllib raises on odd input (a value out of range)
+        raise PolicyError([f"{source}: front matter is not valid TOML ({exc})"]) from None
+
+
 def parse_policy(text: str, source: str = "policy") -> Policy:
     """Parse and validate a policy file; raises PolicyError listing every problem found."""
     text = normalise(text)
     front, body = _split(text, source)
-    try:
-        meta = tomllib.loads(front)
-    except tomllib.TOMLDecodeError as exc:
-        raise PolicyError([f"{source}: front matter is not valid TOML ({exc})"]) from None
+    meta = _front_matter(front, source)
     problems: list[str] = []
     policy_id = _required_str(meta, "id", source, problems)
     if policy_id and not ID_PATTERN.match(policy_id):
         problems.append(f"{source}: id {policy_id!r} must be lowercase letters, digits and hyphens (max 63)")
-    version = _required_str(meta, "version", source, problems)
-    title = _required_str(meta, "title", source, problems)
+    version = _label(meta, "version", source, problems)
+    title = _label(meta, "title", source, problems)
     effort = meta.get("reasoning_effort", "medium")
     if effort not in EFFORTS:
         problems.append(f"{source}: reasoning_effort must be one of {', '.join(EFFORTS)}, got {effort!r}")
-    unknown = set(meta) - {"id", "version", "title", "owner", "notes", "reasoning_effort", "output"}
+    normalise_input = meta.get("normalise_input", False)
+    if not isinstance(normalise_input, bool):
+        problems.append(f"{source}: normalise_input must be true or false")
+    unknown = set(meta) - {"id", "version", "title", "owner", "notes", "reasoning_effort", "output",
+                           "normalise_input"}
     if unknown:
         problems.append(f"{source}: unknown front matter keys: {', '.join(sorted(unknown))}")
     output = _output_spec(meta.get("output"), source, problems)
@@ -174,7 +221,7 @@ def parse_policy(text: str, source: str = "policy") -> Policy:
     if problems:
         raise PolicyError(problems)
     return Policy(policy_id, version, title, body, output, effort, str(meta.get("owner", "")),
-                  str(meta.get("notes", "")), text)
+                  str(meta.get("notes", "")), normalise_input is True, text)
 
 
 def load_policy(path: str | Path) -> Policy:

@@ -44,6 +44,7 @@ from server.audit_file import (
     record_hash,
 )
 from server.audit_reader import AuditEntry, AuditReader, VerifyResult
+from server.identity import ANONYMOUS, DEFAULT_TENANT
 from server.sqlite_wal import enable_wal
 
 # Most records one transaction commits; bounds the time a single group holds the write lock.
@@ -54,7 +55,7 @@ DEFAULT_MAX_PENDING = 10_000
 
 _INSERT = f"INSERT INTO records ({', '.join(COLUMNS)}) VALUES ({', '.join(':' + c for c in COLUMNS)})"
 _TEXT_FIELDS = ("ts", "request_id", "policy_id", "policy_version", "policy_sha256", "model_fingerprint",
-                "parse_status")
+                "parse_status", "tenant", "principal")
 _OPTIONAL_TEXT_FIELDS = ("category", "confidence", "rationale")
 _TOKEN_FIELDS = ("prompt_tokens", "cached_tokens", "reasoning_tokens", "output_tokens")
 
@@ -86,6 +87,8 @@ class AuditRecord:
     output_tokens: int = 0
     latency_ms: float = 0.0
     ts: str = field(default_factory=utc_now)  # when the decision was made, not when the writer got to it
+    tenant: str = DEFAULT_TENANT  # whose policy decided
+    principal: str = ANONYMOUS.principal  # who asked: "key:<id>", "cert:<subject>" or "anonymous"
 
 
 def _problems(record: AuditRecord) -> list[str]:
@@ -132,7 +135,7 @@ def _row(record: AuditRecord, *, store_rationale: bool, store_content: bool) -> 
         "content_sha256": content_sha256, "content": record.content if store_content else None,
         "prompt_tokens": record.prompt_tokens, "cached_tokens": record.cached_tokens,
         "reasoning_tokens": record.reasoning_tokens, "output_tokens": record.output_tokens,
-        "latency_ms": float(record.latency_ms),
+        "latency_ms": float(record.latency_ms), "tenant": record.tenant, "principal": record.principal,
     }
 
 

@@ -5,6 +5,10 @@ Chain: each record stores `prev_hash` (the previous record's `record_hash`; 64 z
 `prev_hash` included: `json.dumps(row, sort_keys=True, separators=(",", ":"), ensure_ascii=False)`, with the values
 exactly as SQLite returns them (`violation` 0/1/null, `rule_ids` the stored JSON text, `latency_ms` a float). An
 auditor can recompute it with any sqlite client and a JSON library.
+
+Schema 2 added `tenant` and `principal` (who asked). Rows written before it hold NULL there, and a NULL in those two
+columns is left out of the hashed JSON, so the old rows keep their hashes and the chain verifies across the
+upgrade; every newer row holds both, and both are hashed.
 """
 
 from __future__ import annotations
@@ -53,14 +57,21 @@ _SCHEMA_V1 = (
     # A multi-policy request fans out to one record per policy, all under one request id.
     "CREATE INDEX records_by_request ON records(request_id)",
 )
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_SCHEMA_V1,)
+_CALLER_V2 = (
+    "ALTER TABLE records ADD COLUMN tenant TEXT",
+    "ALTER TABLE records ADD COLUMN principal TEXT",
+)
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_SCHEMA_V1, _CALLER_V2)
+# Columns added after schema 1: hashed only when set (see the module docstring).
+_LATER_COLUMNS = ("tenant", "principal")
 SCHEMA_VERSION = len(MIGRATIONS)
 
 COLUMNS = ("seq", "ts", "request_id", "policy_id", "policy_version", "policy_sha256", "model_fingerprint",
            "violation", "category", "rule_ids", "confidence", "parse_status", "rationale", "content_sha256",
            "content", "prompt_tokens", "cached_tokens", "reasoning_tokens", "output_tokens", "latency_ms",
-           "prev_hash", "record_hash")
+           "prev_hash", "record_hash", "tenant", "principal")
 SELECT = f"SELECT {', '.join(COLUMNS)} FROM records"
+SELECT_V1 = f"SELECT {', '.join(c if c not in _LATER_COLUMNS else 'NULL' for c in COLUMNS)} FROM records"
 
 
 class AuditError(ApplianceError):
@@ -69,7 +80,8 @@ class AuditError(ApplianceError):
 
 def record_hash(row: dict[str, Any]) -> str:
     """sha256 of the canonical JSON of a row's columns other than record_hash (see the module docstring)."""
-    hashed = {name: value for name, value in row.items() if name != "record_hash"}
+    hashed = {name: value for name, value in row.items()
+              if name != "record_hash" and not (name in _LATER_COLUMNS and value is None)}
     canonical = json.dumps(hashed, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 

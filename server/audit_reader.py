@@ -24,6 +24,7 @@ from server.audit_file import (
     GENESIS_HASH,
     SCHEMA_VERSION,
     SELECT,
+    SELECT_V1,
     AuditError,
     connect,
     record_hash,
@@ -56,6 +57,8 @@ class AuditEntry:
     latency_ms: float
     prev_hash: str
     record_hash: str
+    tenant: str | None  # None in records written before schema 2
+    principal: str | None
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,7 @@ class AuditReader:
     def __init__(self, path: str | Path, *, busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S):
         self.path = Path(path)
         self.busy_timeout_s = busy_timeout_s
+        self._select = SELECT
 
     @contextlib.contextmanager
     def _snapshot(self) -> Iterator[sqlite3.Connection]:
@@ -110,9 +114,11 @@ class AuditReader:
                 if conn.execute("PRAGMA application_id").fetchone()[0] != APPLICATION_ID:
                     raise AuditError(f"{self.path} is not an audit log (some other SQLite file)")
                 found = conn.execute("PRAGMA user_version").fetchone()[0]
-                if found != SCHEMA_VERSION:
+                if not 1 <= found <= SCHEMA_VERSION:
                     raise AuditError(f"audit log {self.path} has schema version {found}; this appliance reads "
-                                     f"version {SCHEMA_VERSION}")
+                                     f"versions 1 to {SCHEMA_VERSION}")
+                # A read-only reader cannot migrate evidence: a version-1 file reads with NULL callers.
+                self._select = SELECT if found == SCHEMA_VERSION else SELECT_V1
                 yield conn
                 conn.execute("COMMIT")
             finally:
@@ -124,7 +130,7 @@ class AuditReader:
         """Walk the chain from the first record; stop at the first broken one (see the module docstring)."""
         prev_seq, prev_hash, checked = 0, GENESIS_HASH, 0
         with self._snapshot() as conn:
-            for raw in conn.execute(f"{SELECT} ORDER BY seq"):  # streamed: a long log is never all in memory
+            for raw in conn.execute(f"{self._select} ORDER BY seq"):  # streamed: a long log is never all in memory
                 row = dict(zip(COLUMNS, raw, strict=True))
                 reason = _break_reason(row, prev_seq, prev_hash)
                 if reason is not None:
@@ -135,12 +141,12 @@ class AuditReader:
     def tail(self, n: int = 20) -> list[AuditEntry]:
         """The newest `n` records, oldest first."""
         with self._snapshot() as conn:
-            rows = conn.execute(f"{SELECT} ORDER BY seq DESC LIMIT ?", (max(n, 0),)).fetchall()
+            rows = conn.execute(f"{self._select} ORDER BY seq DESC LIMIT ?", (max(n, 0),)).fetchall()
         return [_entry(row) for row in reversed(rows)]
 
     def get(self, seq: int) -> AuditEntry:
         with self._snapshot() as conn:
-            row = conn.execute(f"{SELECT} WHERE seq = ?", (seq,)).fetchone()
+            row = conn.execute(f"{self._select} WHERE seq = ?", (seq,)).fetchone()
         if row is None:
             raise AuditError(f"audit log {self.path} has no record {seq}")
         return _entry(row)
@@ -148,5 +154,5 @@ class AuditReader:
     def by_request(self, request_id: str) -> list[AuditEntry]:
         """Every record of one request (one per policy it was classified against), in seq order."""
         with self._snapshot() as conn:
-            rows = conn.execute(f"{SELECT} WHERE request_id = ? ORDER BY seq", (request_id,)).fetchall()
+            rows = conn.execute(f"{self._select} WHERE request_id = ? ORDER BY seq", (request_id,)).fetchall()
         return [_entry(row) for row in rows]

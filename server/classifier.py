@@ -27,13 +27,16 @@ from openai_harmony import HarmonyEncoding
 
 from classification.completion import ParsedCompletion, parse_completion
 from classification.content import Content, serialise
+from classification.normalise import normalise_content
 from classification.render import PromptPrefix, RenderedPrompt, content_encoder
 from classification.verdict import Verdict, parse_verdict
 from server.audit import AuditLog, AuditRecord
 from server.audit_file import AuditError
+from server.batch_plan import BatchPlan, BatchRefused, PlannedPrompt, plan_batch
 from server.content_checks import check_content, content_chars
-from server.errors import Internal, InvalidArgument, ResourceExhausted, ServiceError, Unavailable
+from server.errors import DeadlineExceeded, Internal, InvalidArgument, ServiceError, Unavailable
 from server.generation import Generator
+from server.identity import ANONYMOUS, Identity
 from server.jobs import (
     BatchJob,
     BatchOutcome,
@@ -41,16 +44,16 @@ from server.jobs import (
     ClassifyJob,
     PolicyInfo,
     ReasoningText,
-    Selector,
     Timings,
     Usage,
 )
-from server.limits import Admission, Limits, Slots
+from server.limits import Admission, Limits, Refused, Slots
 from server.log import event
 from server.metrics import INLINE, UNKNOWN, Metrics, Observation
 from server.model_discovery import ModelInfo
 from server.policy_admin import PolicyAdmin
 from server.policy_book import PolicyBook, ResolvedPolicy
+from server.rate_limit import TenantRateLimiter
 from server.readiness import Readiness
 from server.registry import Registry
 from server.routing import Endpoint, Router
@@ -61,6 +64,9 @@ log = logging.getLogger("safeguard.classifier")
 
 # Content this long is tokenized on a worker thread so one large request cannot stall the event loop.
 THREADED_TOKENIZE_CHARS = 32_768
+# A batch ends this long (or a tenth of the time left, if less) before its client's deadline, so the client reads
+# the items cut short instead of losing the whole stream to its own timeout.
+BATCH_DEADLINE_MARGIN_S = 0.25
 
 
 class Classifier:
@@ -72,8 +78,12 @@ class Classifier:
         self.metrics = metrics
         self.audit = audit
         self.encoding = encoding
-        self.limits = Limits(settings.max_content_tokens, settings.max_policy_tokens, settings.max_batch_items)
-        self.admission = Admission(settings.max_in_flight, metrics.in_flight)
+        self.limits = Limits(settings.max_content_tokens, settings.max_policy_tokens, settings.max_batch_items,
+                             settings.max_batch_prompts, settings.max_batch_policies, settings.max_item_policies)
+        self.admission = Admission(settings.max_in_flight, metrics.in_flight,
+                                   tenant_share=settings.tenant_in_flight_share,
+                                   batch_share=settings.batch_in_flight_share)
+        self.rate = TenantRateLimiter(settings.tenant_rate, settings.tenant_burst)
         self._encode = content_encoder(encoding)
         self.policies = PolicyBook(registry, self.limits, self._encode)
         self.endpoints: dict[str, TritonEndpoint] = {}  # opened by start(): a grpc.aio channel belongs to a loop
@@ -109,7 +119,7 @@ class Classifier:
     # -- classification -------------------------------------------------------------------------------------------
 
     async def classify(self, job: ClassifyJob) -> Classification:
-        with self._admit(1):
+        with self._admit(job.identity):
             return await self._classify(job, None)
 
     async def stream(self, job: ClassifyJob) -> AsyncIterator[ReasoningText | Classification]:
@@ -122,7 +132,7 @@ class Classifier:
             except Exception as exc:
                 queue.put_nowait(exc)
 
-        with self._admit(1):
+        with self._admit(job.identity):
             task = asyncio.create_task(produce())
             try:
                 while True:
@@ -137,32 +147,81 @@ class Classifier:
                 await asyncio.gather(task, return_exceptions=True)
 
     async def batch(self, job: BatchJob) -> AsyncIterator[BatchOutcome]:
-        """Each (item, policy) pair classified on its own; outcomes in the order they finish."""
-        self.limits.check_batch(len(job.items))
-        work = [(item_id, content, selector) for item_id, content, selectors in job.items
-                for selector in (selectors or (None,))]
-        concurrency = min(len(work), self.settings.batch_concurrency)
-        with self._admit(concurrency):
-            gate = asyncio.Semaphore(concurrency)
-            tasks = [asyncio.create_task(self._batch_item(job, item_id, content, selector, gate))
-                     for item_id, content, selector in work]
+        """Each (item, policy) pair classified on its own; outcomes in the order they finish. The plan is checked
+        before anything runs (server/batch_plan.py); what is unfinished at the batch's deadline answers
+        DEADLINE_EXCEEDED, and the stream ends cleanly."""
+        plan = self._plan(job)
+        deadline, whose = self._batch_deadline(job.deadline)
+        with self._admit(job.identity, batch=max(1, min(plan.work, self.settings.batch_concurrency))) as slots:
+            gate = asyncio.Semaphore(slots.count)
+            # The batch's deadline is enforced here, for all items at once; each item keeps the client's own.
+            tasks = {asyncio.create_task(self._batch_item(job, prompt, gate)): prompt
+                     for prompt in plan.prompts}
+            pending: set[asyncio.Task[BatchOutcome]] = set(tasks)
             try:
-                for next_done in asyncio.as_completed(tasks):
-                    yield await next_done
+                while pending:
+                    done, pending = await asyncio.wait(pending, timeout=max(0.0, deadline - time.monotonic()),
+                                                       return_when=asyncio.FIRST_COMPLETED)
+                    if not done:
+                        break
+                    for task in done:
+                        yield task.result()
+                if pending:
+                    for outcome in await self._cut(pending, tasks, whose):
+                        yield outcome
             finally:
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _admit(self, slots: int) -> Slots:
+    def _plan(self, job: BatchJob) -> BatchPlan:
         try:
-            return self.admission.acquire(slots)
-        except ResourceExhausted:
-            self.metrics.failed(UNKNOWN, "resource_exhausted")
+            return plan_batch(job.items, self.limits)
+        except BatchRefused as exc:
+            self.metrics.refused(exc.reason)
             raise
 
-    async def _batch_item(self, batch: BatchJob, item_id: str, content: Content | ServiceError,
-                          selector: Selector | None, gate: asyncio.Semaphore) -> BatchOutcome:
+    def _batch_deadline(self, client_deadline: float | None) -> tuple[float, str]:
+        """When the batch must end (time.monotonic()), and whose deadline that is, for the items cut short."""
+        now = time.monotonic()
+        own = now + self.settings.batch_timeout_s
+        if client_deadline is not None:
+            client = client_deadline - min(BATCH_DEADLINE_MARGIN_S, (client_deadline - now) / 10)
+            if client < own:
+                return client, "the client's deadline"
+        return own, f"the batch's deadline ({self.settings.batch_timeout_s:g} s)"
+
+    async def _cut(self, pending: set[asyncio.Task[BatchOutcome]], tasks: dict[asyncio.Task[BatchOutcome],
+                   PlannedPrompt], whose: str) -> list[BatchOutcome]:
+        """Stop the items still running at the batch's deadline; each answers DEADLINE_EXCEEDED (or its result,
+        if it finished while being stopped)."""
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        outcomes = []
+        for task in pending:
+            if not task.cancelled():
+                outcomes.append(task.result())
+                continue
+            prompt = tasks[task]
+            outcomes.append(BatchOutcome(prompt.item_id, prompt.selector.label() if prompt.selector else "",
+                                         error=DeadlineExceeded(f"{whose} passed before this item was "
+                                                                "classified (send smaller batches, or allow longer)")))
+        self.metrics.refused("batch_deadline", sum(1 for o in outcomes if o.error is not None))
+        return outcomes
+
+    def _admit(self, identity: Identity, batch: int = 0) -> Slots:
+        """Rate limit, then slots: one for a request, up to `batch` for a batch (fewer when its share is taken)."""
+        try:
+            self.rate.check(identity)
+            return self.admission.acquire_batch(batch, identity) if batch else self.admission.acquire(1, identity)
+        except Refused as exc:
+            self.metrics.failed(UNKNOWN, "resource_exhausted")
+            self.metrics.refused(exc.reason)
+            raise
+
+    async def _batch_item(self, batch: BatchJob, prompt: PlannedPrompt, gate: asyncio.Semaphore) -> BatchOutcome:
+        item_id, content, selector = prompt.item_id, prompt.content, prompt.selector
         ref = selector.label() if selector is not None else ""
         if selector is None:
             return BatchOutcome(item_id, ref, error=InvalidArgument(
@@ -170,7 +229,7 @@ class Classifier:
         if isinstance(content, ServiceError):
             return BatchOutcome(item_id, ref, error=content)
         job = ClassifyJob(selector, content, batch.effort, batch.include_reasoning,
-                          f"{batch.request_id}/{item_id}", batch.arrival, batch.deadline)
+                          f"{batch.request_id}/{item_id}", batch.arrival, batch.deadline, batch.identity)
         async with gate:
             try:
                 return BatchOutcome(item_id, ref, result=await self._classify(job, None))
@@ -185,7 +244,7 @@ class Classifier:
     async def _classify(self, job: ClassifyJob, sink: Callable[[ReasoningText], None] | None) -> Classification:
         label = UNKNOWN
         try:
-            resolved = await self.policies.resolve(job.selector)
+            resolved = await self.policies.resolve(job.selector, job.identity.tenant)
             label = resolved.label
             result = await self._run(job, resolved, sink)
         except ServiceError as exc:
@@ -203,7 +262,12 @@ class Classifier:
         model = self._require_model()
         effort = job.effort or resolved.policy.reasoning_effort
         prefix = await self.policies.prefix(resolved, effort)
-        rendered = await self._render(prefix, job.content)
+        # The model reads the normalised content when asked for; the audit record hashes what was received.
+        content = job.content
+        if self.settings.normalise_content or resolved.policy.normalise_input:
+            content = normalise_content(content)
+            check_content(content)  # invisible characters alone leave nothing to classify
+        rendered = await self._render(prefix, content)
         max_tokens = self._budget(model, len(rendered.ids))
         request = GenerateRequest(rendered.ids, max_tokens, rendered.prefix_len, self.settings.prefix_priority,
                                   job.request_id)
@@ -255,7 +319,8 @@ class Classifier:
         return AuditRecord(job.request_id, p.id, p.version, p.sha256, model.fingerprint, verdict.violation,
                            verdict.status, serialise(job.content), verdict.category, verdict.rule_ids,
                            verdict.confidence, verdict.rationale, usage.prompt_tokens, usage.cached_prompt_tokens,
-                           usage.reasoning_tokens, usage.output_tokens, _ms(time.perf_counter() - job.arrival))
+                           usage.reasoning_tokens, usage.output_tokens, _ms(time.perf_counter() - job.arrival),
+                           tenant=job.identity.tenant, principal=job.identity.principal)
 
     async def _record(self, record: AuditRecord) -> None:
         """Audit the decision; with `audit_wait` the answer waits until the record is on disk."""
@@ -273,30 +338,30 @@ class Classifier:
             resolved.label, timings.queue_ms / 1000, timings.time_to_first_token_ms / 1000,
             timings.time_to_verdict_ms / 1000, timings.total_ms / 1000, usage.prompt_tokens,
             usage.cached_prompt_tokens, usage.reasoning_tokens, usage.output_tokens, verdict.status,
-            verdict.violation, verdict.category))
+            verdict.violation, verdict.category, resolved.policy.output.categories))
 
     def _reported_info(self, resolved: ResolvedPolicy) -> PolicyInfo:
         # A pinned version's activity changes over time; the cached info is as of when it was loaded.
-        active = resolved.label != INLINE and self.policies.is_active(resolved.info)
+        active = resolved.label != INLINE and self.policies.is_active(resolved.info, resolved.tenant)
         return resolved.info if active == resolved.info.active else replace(resolved.info, active=active)
 
 
     # -- policy administration (server/policy_admin.py) ---------------------------------------------------------
 
-    async def put_policy(self, text: str, activate: bool) -> PolicyInfo:
-        return await self.admin.put_policy(text, activate)
+    async def put_policy(self, text: str, activate: bool, caller: Identity = ANONYMOUS) -> PolicyInfo:
+        return await self.admin.put_policy(text, activate, caller)
 
-    async def get_policy(self, ref: str) -> tuple[PolicyInfo, str]:
-        return await self.admin.get_policy(ref)
+    async def get_policy(self, ref: str, caller: Identity = ANONYMOUS) -> tuple[PolicyInfo, str]:
+        return await self.admin.get_policy(ref, caller)
 
-    async def list_policies(self) -> list[PolicyInfo]:
-        return await self.admin.list_policies()
+    async def list_policies(self, caller: Identity = ANONYMOUS) -> list[PolicyInfo]:
+        return await self.admin.list_policies(caller)
 
-    async def activate_policy(self, policy_id: str, ref: str) -> PolicyInfo:
-        return await self.admin.activate_policy(policy_id, ref)
+    async def activate_policy(self, policy_id: str, ref: str, caller: Identity = ANONYMOUS) -> PolicyInfo:
+        return await self.admin.activate_policy(policy_id, ref, caller)
 
-    async def rollback_policy(self, policy_id: str) -> PolicyInfo:
-        return await self.admin.rollback_policy(policy_id)
+    async def rollback_policy(self, policy_id: str, caller: Identity = ANONYMOUS) -> PolicyInfo:
+        return await self.admin.rollback_policy(policy_id, caller)
 
 def _reasoning_tokens(parsed: ParsedCompletion) -> int:
     return sum(m.end - m.start for m in parsed.messages if m.role == "assistant" and m.channel == "analysis")

@@ -6,16 +6,22 @@
         response = client.classify("spam-scams", "WIN A FREE CRUISE!!! reply with your card number")
         print(response.verdict.violation, response.verdict.category)
 
-Content is a string (one text), a `(prompt, response)` tuple, or a list of `(role, content)` turns.
+Content is a string (one text), a `(prompt, response)` tuple, or a list of `(role, content)` turns. Over TLS give
+the CA that signed the server's certificate, and for mutual TLS the client's certificate and key (PEM files):
+`SafeguardClient(target, tls_ca="ca.pem", tls_cert="me.pem", tls_key="me.key")`. A server that requires
+authentication takes `SafeguardClient(target, api_key="sgk_...")` (sent as `authorization: Bearer`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Union
 
 import grpc
 
+from classification.errors import ApplianceError
 from server.generated.safeguard.v1 import safeguard_pb2 as pb
 from server.generated.safeguard.v1 import safeguard_pb2_grpc as pb_grpc
 
@@ -40,10 +46,60 @@ def policy_selector(policy: str) -> pb.PolicySelector:
     return pb.PolicySelector(ref=policy)
 
 
+def _pem(what: str, path: str | Path | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).expanduser().read_bytes()
+    except OSError as exc:
+        raise ApplianceError(f"{what}: cannot read {path}: {exc.strerror or exc}") from None
+
+
+def channel_credentials(tls_ca: str | Path | None = None, tls_cert: str | Path | None = None,
+                        tls_key: str | Path | None = None) -> grpc.ChannelCredentials:
+    """TLS credentials: the CA to verify the server with (None: the system's), and the client's own certificate
+    and key for mutual TLS."""
+    if (tls_cert is None) != (tls_key is None):
+        raise ApplianceError("a client certificate and its key go together: give both or neither")
+    return grpc.ssl_channel_credentials(_pem("TLS CA", tls_ca), _pem("TLS key", tls_key), _pem("TLS cert", tls_cert))
+
+
+class _KeyInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds the API key to every call's metadata."""
+
+    def __init__(self, api_key: str):
+        self._metadata = (("authorization", f"Bearer {api_key}"),)
+
+    def _details(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        return _CallDetails(details.method, details.timeout, (*(details.metadata or ()), *self._metadata),
+                            details.credentials, details.wait_for_ready, details.compression)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+
+@dataclass(frozen=True)
+class _CallDetails(grpc.ClientCallDetails):
+    method: str
+    timeout: float | None
+    metadata: tuple[tuple[str, str], ...]
+    credentials: grpc.CallCredentials | None
+    wait_for_ready: bool | None
+    compression: grpc.Compression | None
+
+
 class SafeguardClient:
     def __init__(self, target: str = "127.0.0.1:50151", *, timeout: float | None = 120.0,
-                 channel: grpc.Channel | None = None):
+                 channel: grpc.Channel | None = None, tls_ca: str | Path | None = None,
+                 tls_cert: str | Path | None = None, tls_key: str | Path | None = None, api_key: str | None = None):
+        if channel is None and (tls_ca or tls_cert or tls_key):
+            channel = grpc.secure_channel(target, channel_credentials(tls_ca, tls_cert, tls_key))
         self._channel = channel or grpc.insecure_channel(target)
+        if api_key:
+            self._channel = grpc.intercept_channel(self._channel, _KeyInterceptor(api_key))
         self._stub = pb_grpc.SafeguardStub(self._channel)
         self.timeout = timeout
 

@@ -69,14 +69,24 @@ def _print_result(result, as_json: bool) -> None:
 @click.option("--stream", is_flag=True, help="Print the reasoning as it is produced.")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole response as JSON.")
 @click.option("--timeout", type=float, default=120.0, help="Seconds to wait for the verdict.")
+@click.option("--tls-ca", envvar="APPLIANCE_TLS_CA", show_envvar=True, type=click.Path(dir_okay=False),
+              help="PEM CA certificate that signed the server's certificate: connect over TLS.")
+@click.option("--tls-cert", envvar="APPLIANCE_TLS_CERT", show_envvar=True, type=click.Path(dir_okay=False),
+              help="PEM client certificate for mutual TLS (with --tls-key).")
+@click.option("--tls-key", envvar="APPLIANCE_TLS_KEY", show_envvar=True, type=click.Path(dir_okay=False),
+              help="PEM private key of --tls-cert.")
+@click.option("--api-key", envvar="APPLIANCE_API_KEY", show_envvar=True, default=None,
+              help="The API key to present (from `appliance keys create`), when the appliance requires one.")
 def classify_command(target: str, policy: str, text: str | None, prompt: str | None, response: str | None,
                      conversation: Path | None, effort: str | None, reasoning: bool, stream: bool, as_json: bool,
-                     timeout: float) -> None:
+                     timeout: float, tls_ca: str | None, tls_cert: str | None, tls_key: str | None,
+                     api_key: str | None) -> None:
     """Classify one text, prompt/response pair or conversation against a policy."""
     content = _content(text, prompt, response, conversation)
     if policy.startswith("@"):
         policy = Path(policy[1:]).read_text()
-    with SafeguardClient(target, timeout=timeout) as client:
+    with SafeguardClient(target, timeout=timeout, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key,
+                         api_key=api_key) as client:
         try:
             if stream:
                 result = None

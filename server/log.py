@@ -1,7 +1,9 @@
 """Structured logs: one JSON object per line, carrying the request id of the request being served.
 
 The request id lives in a context variable, set once where a request enters (the servicer) and inherited by every
-task it spawns, so any log line written while serving it names it without threading the id through calls. Fields
+task it spawns, so any log line written while serving it names it without threading the id through calls. An id a
+caller sends is checked first (`server/request_ids.py`: bounded length, a plain charset), so a log line never
+carries a caller's control or bidi characters in that field. Fields
 beyond the message go in `extra={"fields": {...}}` (or through `event`). The module is `log`, not `logging`, so
 it can never shadow the standard library for a script run from inside `server/`.
 """

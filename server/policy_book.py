@@ -4,7 +4,9 @@ rendered prefixes (one per reasoning effort).
 Policies are cached in memory: the registry costs a SQLite transaction per lookup, too slow per request. Active
 versions are invalidated by the admin calls made through this process and, for changes made by other processes
 (the `appliance policy` CLI), by a periodic check of the registry's active versions. Pinned versions
-("id@ref") and inline policies are immutable, so they are kept in bounded LRU caches.
+("id@ref") and inline policies are immutable, so they are kept in bounded LRU caches. Registry policies are cached
+under (tenant, id): a tenant's lookup can only ever find its own tenant's entries. Inline policies name no tenant's
+stored policy, so they are shared.
 
 What the registry refuses reaches the client by its kind (`registry_call`): UNAVAILABLE when the registry file
 itself failed, NOT_FOUND for an unknown policy or version, FAILED_PRECONDITION for the rest.
@@ -22,6 +24,7 @@ from typing import ParamSpec, TypeVar
 from classification.policy import Policy, PolicyError, PolicyRef, PolicyRefError, parse_policy
 from classification.render import PromptPrefix, PromptRenderer
 from server.errors import FailedPrecondition, InvalidArgument, NotFound, ServiceError, Unavailable
+from server.identity import DEFAULT_TENANT
 from server.jobs import PolicyInfo, Selector
 from server.limits import Limits
 from server.metrics import INLINE
@@ -47,6 +50,7 @@ class ResolvedPolicy:
     info: PolicyInfo
     label: str  # the metrics label: the policy id, or "inline"
     prefixes: dict[str, PromptPrefix] = field(default_factory=dict)  # by reasoning effort
+    tenant: str = DEFAULT_TENANT  # whose registry policy it is (inline ones: the default, unused)
 
 
 class _Lru(OrderedDict):
@@ -74,12 +78,17 @@ class PolicyBook:
         self.registry = registry
         self.limits = limits
         self._encode = encode
-        self._active: dict[str, ResolvedPolicy] = {}
+        self._active: dict[tuple[str, str], ResolvedPolicy] = {}  # by (tenant, policy id)
+        # One registry load per missing active policy, however many requests miss at once (an activation empties
+        # the entry while requests keep arriving); `invalidate` bumps the generation so a load that began before
+        # a change is never cached.
+        self._loading: dict[tuple[str, str], asyncio.Task[ResolvedPolicy]] = {}
+        self._generation: dict[tuple[str, str], int] = {}
         self._pinned = _Lru(PINNED_CACHE)
         self._inline = _Lru(INLINE_CACHE)
         self.renderer: PromptRenderer | None = None  # set once the model fingerprint is known
 
-    async def resolve(self, selector: Selector) -> ResolvedPolicy:
+    async def resolve(self, selector: Selector, tenant: str = DEFAULT_TENANT) -> ResolvedPolicy:
         if selector.inline_text:
             return self._resolve_inline(selector.inline_text)
         if not selector.ref.strip():
@@ -87,14 +96,11 @@ class PolicyBook:
                                   "policy.inline_text")
         ref = parse_ref(selector.ref)
         if ref.version is None:
-            found = self._active.get(ref.policy_id)
-            if found is None:
-                found = self._active[ref.policy_id] = await self._load(ref.policy_id, None)
-            return found
-        pinned = self._pinned.get_fresh(ref)
+            return await self._resolve_active((tenant, ref.policy_id))
+        pinned = self._pinned.get_fresh((tenant, ref))
         if pinned is None:
-            pinned = await self._load(ref.policy_id, ref.version)
-            self._pinned.put(ref, pinned)
+            pinned = await self._load(ref.policy_id, ref.version, tenant)
+            self._pinned.put((tenant, ref), pinned)
         return pinned
 
     async def prefix(self, resolved: ResolvedPolicy, effort: str) -> PromptPrefix:
@@ -107,41 +113,67 @@ class PolicyBook:
             resolved.prefixes[effort] = found
         return found
 
-    def invalidate(self, policy_id: str) -> None:
-        self._active.pop(policy_id, None)
+    def invalidate(self, policy_id: str, tenant: str = DEFAULT_TENANT) -> None:
+        key = (tenant, policy_id)
+        self._generation[key] = self._generation.get(key, 0) + 1
+        self._active.pop(key, None)
+        self._loading.pop(key, None)  # requests already waiting on it keep it; new ones load afresh
 
     def cached_active(self) -> list[ResolvedPolicy]:
         return list(self._active.values())
 
-    def is_active(self, info: PolicyInfo) -> bool:
-        active = self._active.get(info.id)
+    def is_active(self, info: PolicyInfo, tenant: str = DEFAULT_TENANT) -> bool:
+        active = self._active.get((tenant, info.id))
         return active is not None and active.info.sha256 == info.sha256
 
     async def load_active(self) -> list[ResolvedPolicy]:
-        """Every policy's active version, re-reading any whose activation changed since it was cached."""
-        summaries = await asyncio.to_thread(self.registry.list)
+        """Every tenant's policies' active versions, re-reading any whose activation changed since it was cached."""
         current: list[ResolvedPolicy] = []
-        for summary in summaries:
-            if summary.active is None:
-                self._active.pop(summary.policy_id, None)
-                continue
-            cached = self._active.get(summary.policy_id)
-            if cached is None or cached.info.sha256 != summary.active.sha256:
-                cached = self._active[summary.policy_id] = await self._load(summary.policy_id, None)
-            current.append(cached)
+        for tenant in await asyncio.to_thread(self.registry.tenants):
+            for summary in await asyncio.to_thread(self.registry.list, tenant=tenant):
+                key = (tenant, summary.policy_id)
+                if summary.active is None:
+                    self._active.pop(key, None)
+                    continue
+                cached = self._active.get(key)
+                if cached is None or cached.info.sha256 != summary.active.sha256:
+                    cached = self._active[key] = await self._load(summary.policy_id, None, tenant)
+                current.append(cached)
         return current
 
-    async def stored(self, policy_id: str, ref: str | None) -> StoredPolicy:
-        return await registry_call(self.registry.get, policy_id, ref)
+    async def stored(self, policy_id: str, ref: str | None, tenant: str = DEFAULT_TENANT) -> StoredPolicy:
+        return await registry_call(self.registry.get, policy_id, ref, tenant=tenant)
 
     def info(self, stored: StoredPolicy) -> PolicyInfo:
         tokens = len(self._encode(stored.policy.body))
         return PolicyInfo(stored.info.policy_id, stored.info.version, stored.info.sha256, stored.info.title,
                           stored.active, stored.info.created_unix_ms, tokens)
 
-    async def _load(self, policy_id: str, ref: str | None) -> ResolvedPolicy:
-        stored = await self.stored(policy_id, ref)
-        return ResolvedPolicy(stored.policy, self.info(stored), policy_id)
+    async def _resolve_active(self, key: tuple[str, str]) -> ResolvedPolicy:
+        found = self._active.get(key)
+        if found is not None:
+            return found
+        loading = self._loading.get(key)
+        if loading is None:
+            loading = self._loading[key] = asyncio.create_task(self._load_shared(key))
+            # Every waiter may give up; the outcome is still read, so asyncio does not log it as never retrieved.
+            loading.add_done_callback(lambda task: task.cancelled() or task.exception())
+        return await asyncio.shield(loading)
+
+    async def _load_shared(self, key: tuple[str, str]) -> ResolvedPolicy:
+        generation = self._generation.get(key, 0)
+        try:
+            resolved = await self._load(key[1], None, key[0])
+            if self._generation.get(key, 0) == generation:
+                self._active[key] = resolved
+            return resolved
+        finally:
+            if self._loading.get(key) is asyncio.current_task():
+                del self._loading[key]
+
+    async def _load(self, policy_id: str, ref: str | None, tenant: str) -> ResolvedPolicy:
+        stored = await self.stored(policy_id, ref, tenant)
+        return ResolvedPolicy(stored.policy, self.info(stored), policy_id, tenant=tenant)
 
     def _resolve_inline(self, text: str) -> ResolvedPolicy:
         key = hashlib.sha256(text.encode()).digest()

@@ -2,7 +2,8 @@
 
 The state directory comes from the group's own `--state-dir` option (or `$APPLIANCE_STATE_DIR`), shared by every
 subcommand and with `appliance serve` and `appliance audit` (server/state.py), rather than from one auto-named
-environment variable per subcommand.
+environment variable per subcommand. `--tenant` (default: the default tenant) picks whose policies the commands see;
+activations made here record the OS user who ran the command.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import click
 from classification.errors import VocabularyError
 from classification.library import library_dir
 from classification.policy import Policy, PolicyRef, length_warning, load_policy
+from server.identity import DEFAULT_TENANT
+from server.keys import check_tenant
 from server.registry import ActivationResult, ImportOutcome, Registry, StoredPolicy, VersionInfo
 from server.registry_errors import RegistryError
 from server.state import state_dir_option
@@ -23,6 +26,7 @@ from server.state import state_dir_option
 @dataclass(frozen=True)
 class _Settings:
     state_dir: Path
+    tenant: str
 
     def registry(self) -> Registry:
         # Opened per command, not in the group callback, so `--help` creates nothing on disk.
@@ -88,10 +92,11 @@ def _echo_activation(result: ActivationResult, verb: str) -> None:
 
 @click.group("policy")
 @state_dir_option
+@click.option("--tenant", default=DEFAULT_TENANT, help="The tenant whose policies the commands see and change.")
 @click.pass_context
-def policy_group(ctx: click.Context, state_dir: Path) -> None:
+def policy_group(ctx: click.Context, state_dir: Path, tenant: str) -> None:
     """Policy versions: add, list, show, activate, roll back, diff, import."""
-    ctx.obj = _Settings(state_dir)
+    ctx.obj = _Settings(state_dir, check_tenant(tenant))
 
 
 @policy_group.command("add")
@@ -101,7 +106,7 @@ def policy_group(ctx: click.Context, state_dir: Path) -> None:
 def add_command(settings: _Settings, file: Path, activate: bool) -> None:
     """Store a policy file as a new version (adding the same text again changes nothing)."""
     policy = load_policy(file)
-    result = settings.registry().add(policy, activate=activate)
+    result = settings.registry().add(policy, activate=activate, tenant=settings.tenant)
     tokens, warning = _token_report(policy)
     state = "added" if result.created else "unchanged, already stored:"
     click.echo(f"{state} {_label(result.info)}, version #{result.info.seq}, {tokens} policy tokens")
@@ -116,7 +121,7 @@ def add_command(settings: _Settings, file: Path, activate: bool) -> None:
 @click.pass_obj
 def list_command(settings: _Settings) -> None:
     """Every policy with its active version."""
-    summaries = settings.registry().list()
+    summaries = settings.registry().list(tenant=settings.tenant)
     if not summaries:
         click.echo(f"no policies registered in {settings.state_dir}")
         return
@@ -134,7 +139,7 @@ def list_command(settings: _Settings) -> None:
 @click.pass_obj
 def show_command(settings: _Settings, spec: str, text: bool) -> None:
     """One version's details: the active one, or REF (a version label, sha256 or sha prefix)."""
-    stored = settings.registry().get(*_split_ref(spec))
+    stored = settings.registry().get(*_split_ref(spec), tenant=settings.tenant)
     if text:
         click.echo(stored.policy.text, nl=False)
         return
@@ -158,7 +163,7 @@ def _echo_details(stored: StoredPolicy) -> None:
 @click.pass_obj
 def activate_command(settings: _Settings, policy_id: str, ref: str) -> None:
     """Make a version active: REF is a version label, a sha256 or a sha prefix of 8+ characters."""
-    _echo_activation(settings.registry().activate(policy_id, ref), "activated")
+    _echo_activation(settings.registry().activate(policy_id, ref, tenant=settings.tenant), "activated")
 
 
 @policy_group.command("rollback")
@@ -166,7 +171,7 @@ def activate_command(settings: _Settings, policy_id: str, ref: str) -> None:
 @click.pass_obj
 def rollback_command(settings: _Settings, policy_id: str) -> None:
     """Undo the latest activation, restoring the version active before it (repeat to go further back)."""
-    _echo_activation(settings.registry().rollback(policy_id), "rolled back to")
+    _echo_activation(settings.registry().rollback(policy_id, tenant=settings.tenant), "rolled back to")
 
 
 @policy_group.command("history")
@@ -174,7 +179,7 @@ def rollback_command(settings: _Settings, policy_id: str) -> None:
 @click.pass_obj
 def history_command(settings: _Settings, policy_id: str) -> None:
     """A policy's versions and every activation and rollback, oldest first."""
-    history = settings.registry().history(policy_id)
+    history = settings.registry().history(policy_id, tenant=settings.tenant)
     active_seq = history.active.seq if history.active else None
     click.echo(f"versions of {policy_id}:")
     _table([("#", "VERSION", "SHA", "ADDED", ""),
@@ -195,7 +200,7 @@ def history_command(settings: _Settings, policy_id: str) -> None:
 @click.pass_obj
 def diff_command(settings: _Settings, policy_id: str, a: str, b: str) -> None:
     """Unified diff of two versions' file text (each a label, sha256 or sha prefix)."""
-    diff = settings.registry().diff(policy_id, a, b)
+    diff = settings.registry().diff(policy_id, a, b, tenant=settings.tenant)
     click.echo(diff if diff else f"{policy_id}: {a} and {b} are the same text", nl=not diff)
 
 
@@ -213,7 +218,7 @@ def import_command(settings: _Settings, directory: Path | None) -> None:
     """Add every policy file (*.md with '+++' front matter) in DIRECTORY (default: the library bundled with the
     appliance); a policy with no active version gets its imported version activated."""
     directory = directory or library_dir()
-    outcomes = settings.registry().import_dir(directory)
+    outcomes = settings.registry().import_dir(directory, tenant=settings.tenant)
     if not outcomes:
         click.echo(f"no *.md files in {directory}")
         return

@@ -2,7 +2,9 @@
 
 The service is ready once an endpoint answers, its model is known (`server/model_discovery.py`), and every active
 policy's prefix is warm on the endpoint its requests go to; the prober re-warms an endpoint each time it comes
-back, and the refresh loop warms what other processes (the CLI) activated.
+back, and the refresh loop warms what other processes (the CLI) activated. Warm-ups go through one paced,
+coalescing queue (`server/warmup.py`), so activating policies in a loop cannot crowd classification out; a policy
+whose warm-up waits there, or whose earlier version is warm, is behind, not cold, and keeps the service ready.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from server.registry_errors import RegistryError
 from server.routing import Endpoint, NoHealthyEndpoint, Router
 from server.settings import ServerSettings
 from server.triton.client import EndpointUnavailable, GenerateRequest, ModelError, TritonEndpoint, TritonError
+from server.warmup import Warmups
 
 # The serving core's modules log as one component, so its log lines keep one name.
 log = logging.getLogger("safeguard.classifier")
@@ -50,6 +53,8 @@ class Readiness:
         self.framing_tokens = 0  # what the prompt adds around the prefix and the content
         self._healthy: dict[str, bool] = {}
         self._warm: set[tuple[str, str]] = set()  # (endpoint, prefix key) warmed since the endpoint came up
+        self._was_warm: set[tuple[str, str]] = set()  # (endpoint, policy) with some version warmed there
+        self.warmups = Warmups(settings.warm_interval_s, paced=lambda: self._ready)
         self._tasks: list[asyncio.Task] = []
         self._ready = False
 
@@ -68,6 +73,7 @@ class Readiness:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        await self.warmups.stop()
 
     def endpoint_failed(self, endpoint: Endpoint, exc: TritonError) -> None:
         self.router.mark_failure(endpoint, connection_error=True)
@@ -77,15 +83,27 @@ class Readiness:
 
     def _forget_warm(self, url: str) -> None:
         self._warm = {(u, key) for u, key in self._warm if u != url}
+        self._was_warm = {(u, key) for u, key in self._was_warm if u != url}
 
     async def warm_policy(self, resolved: ResolvedPolicy) -> None:
-        """Prefill the policy's default-effort prefix on its endpoint, at high retention priority."""
+        """Prefill the policy's default-effort prefix on its endpoint, at high retention priority, through the
+        warm-up queue; returns once it is warm (or the warm-up failed, which the log and metrics tell)."""
         prefix = await self.policies.prefix(resolved, resolved.policy.reasoning_effort)
+        if self._warm_target(prefix) is None:
+            return  # warm already (the refresh loop asks for every active policy), or nowhere to warm it
+        await self.warmups.warm(_policy_key(resolved), resolved.info.sha256, lambda: self._warm_now(resolved, prefix))
+
+    def _warm_target(self, prefix: PromptPrefix) -> Endpoint | None:
+        """The endpoint the prefix's requests go to, unless it is warm there already (or none is healthy)."""
         try:
             endpoint = self.router.candidates(prefix.key)[0]
         except NoHealthyEndpoint:
-            return
-        if (endpoint.url, prefix.key) in self._warm:
+            return None
+        return None if (endpoint.url, prefix.key) in self._warm else endpoint
+
+    async def _warm_now(self, resolved: ResolvedPolicy, prefix: PromptPrefix) -> None:
+        endpoint = self._warm_target(prefix)  # checked again: the queue may have waited while things changed
+        if endpoint is None:
             return
         request = GenerateRequest(prefix.ids, 0, len(prefix.ids), self.settings.prefix_priority,
                                   f"warm-{resolved.info.id}-{resolved.info.sha256[:12]}")
@@ -99,7 +117,7 @@ class Readiness:
             self.metrics.warmups.labels("refused").inc()
             event(log, logging.ERROR, "the model refused to warm a policy prefix", policy=resolved.info.id,
                   endpoint=endpoint.url, error=exc.message)
-            self._warm.add((endpoint.url, prefix.key))
+            self._mark_warm(endpoint.url, prefix.key, resolved)
             return
         except TritonError as exc:
             self.metrics.warmups.labels("failed").inc()
@@ -109,9 +127,13 @@ class Readiness:
                 self.endpoint_failed(endpoint, exc)
             return
         self.metrics.warmups.labels("ok").inc()
-        self._warm.add((endpoint.url, prefix.key))
+        self._mark_warm(endpoint.url, prefix.key, resolved)
         event(log, logging.INFO, "policy prefix warm", policy=resolved.info.id, version=resolved.info.version,
               endpoint=endpoint.url, prefix_tokens=len(prefix.ids))
+
+    def _mark_warm(self, url: str, key: str, resolved: ResolvedPolicy) -> None:
+        self._warm.add((url, key))
+        self._was_warm.add((url, _policy_key(resolved)))
 
     async def _probe_loop(self) -> None:
         while True:
@@ -202,6 +224,20 @@ class Readiness:
                 endpoint = self.router.candidates(prefix.key)[0] if prefix else None
             except NoHealthyEndpoint:
                 return False
-            if endpoint is None or (endpoint.url, prefix.key) not in self._warm:
+            if (endpoint is None or (endpoint.url, prefix.key) not in self._warm) and not self._behind(resolved):
                 return False
         return True
+
+    def _behind(self, resolved: ResolvedPolicy) -> bool:
+        """Warm-ups are behind, the policy is not cold: an earlier version of it is warm on an endpoint that is up
+        (its new version's warm-up follows, or the refresh loop retries it), or, in a service already ready, its
+        warm-up waits in the queue. Requests are served meanwhile, so an activation storm keeps the service
+        SERVING; a service starting, or back from losing its endpoints, still waits for its warm-ups."""
+        key = _policy_key(resolved)
+        return (self._ready and self.warmups.behind(key)) or any(policy == key for _, policy in self._was_warm)
+
+
+def _policy_key(resolved: ResolvedPolicy) -> str:
+    """What warm-ups coalesce on: one policy, whatever its version (one tenant's: another tenant's policy of the same
+    id is another policy; tenant names hold no '/')."""
+    return f"{resolved.tenant}/{resolved.info.id}"

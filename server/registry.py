@@ -12,10 +12,12 @@ The file itself (schema, WAL, transactions) is `server/registry_file.py`; what t
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import getpass
 import re
 import sqlite3
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,6 +25,7 @@ from typing import Literal
 
 from classification.errors import ApplianceError
 from classification.policy import Policy, PolicyError, normalise, parse_policy
+from server.identity import DEFAULT_TENANT
 from server.registry_errors import (
     NoActiveVersion,
     NothingToRollBack,
@@ -144,22 +147,36 @@ def _info(row: sqlite3.Row) -> VersionInfo:
     return VersionInfo(row["policy_id"], row["seq"], row["version"], row["sha256"], row["title"], row["created_at"])
 
 
-def _versions(conn: sqlite3.Connection, policy_id: str) -> list[VersionInfo]:
-    rows = conn.execute(f"SELECT {_VERSION_COLUMNS} FROM versions WHERE policy_id = ? ORDER BY seq", (policy_id,))
+class _Conn:
+    """A connection seen through one tenant: every query below is confined to the tenant's rows, so nothing one
+    tenant asks can name, list or count another's policies."""
+
+    def __init__(self, conn: sqlite3.Connection, tenant: str):
+        self.conn = conn
+        self.tenant = tenant
+
+    def execute(self, sql: str, params: tuple[object, ...] = ()) -> sqlite3.Cursor:
+        # Every statement's first parameter is the tenant: `tenant = ?` leads each WHERE and each VALUES.
+        return self.conn.execute(sql, (self.tenant, *params))
+
+
+def _versions(conn: _Conn, policy_id: str) -> list[VersionInfo]:
+    rows = conn.execute(f"SELECT {_VERSION_COLUMNS} FROM versions WHERE tenant = ? AND policy_id = ? ORDER BY seq",
+                        (policy_id,))
     return [_info(row) for row in rows]
 
 
-def _version_where(conn: sqlite3.Connection, where: str, params: tuple[object, ...]) -> VersionInfo | None:
-    row = conn.execute(f"SELECT {_VERSION_COLUMNS} FROM versions WHERE {where}", params).fetchone()
+def _version_where(conn: _Conn, where: str, params: tuple[object, ...]) -> VersionInfo | None:
+    row = conn.execute(f"SELECT {_VERSION_COLUMNS} FROM versions WHERE tenant = ? AND {where}", params).fetchone()
     return None if row is None else _info(row)
 
 
-def _known_policies(conn: sqlite3.Connection) -> list[str]:
-    return [row[0] for row in conn.execute("SELECT id FROM policies ORDER BY id")]
+def _known_policies(conn: _Conn) -> list[str]:
+    return [row[0] for row in conn.execute("SELECT id FROM policies WHERE tenant = ? ORDER BY id")]
 
 
-def _require_policy(conn: sqlite3.Connection, policy_id: str) -> None:
-    if conn.execute("SELECT 1 FROM policies WHERE id = ?", (policy_id,)).fetchone():
+def _require_policy(conn: _Conn, policy_id: str) -> None:
+    if conn.execute("SELECT 1 FROM policies WHERE tenant = ? AND id = ?", (policy_id,)).fetchone():
         return
     known = _known_policies(conn)
     if not known:
@@ -173,7 +190,7 @@ def _describe(versions: list[VersionInfo]) -> str:
     return (f"{hidden} older, " if hidden else "") + ", ".join(shown)
 
 
-def _resolve(conn: sqlite3.Connection, policy_id: str, ref: str) -> VersionInfo:
+def _resolve(conn: _Conn, policy_id: str, ref: str) -> VersionInfo:
     """A version by label, else by full sha256 or a unique prefix of at least MIN_SHA_PREFIX hex digits."""
     _require_policy(conn, policy_id)
     found = _version_where(conn, "policy_id = ? AND version = ?", (policy_id, ref))
@@ -181,7 +198,8 @@ def _resolve(conn: sqlite3.Connection, policy_id: str, ref: str) -> VersionInfo:
         return found
     prefix = ref.lower()
     if _HEX.match(prefix) and len(prefix) >= MIN_SHA_PREFIX:
-        rows = conn.execute(f"SELECT {_VERSION_COLUMNS} FROM versions WHERE policy_id = ? AND substr(sha256, 1, ?) = ?"
+        rows = conn.execute(f"SELECT {_VERSION_COLUMNS} FROM versions WHERE tenant = ? AND policy_id = ?"
+                            " AND substr(sha256, 1, ?) = ?"
                             " ORDER BY seq", (policy_id, len(prefix), prefix)).fetchall()
         if len(rows) == 1:
             return _info(rows[0])
@@ -193,18 +211,19 @@ def _resolve(conn: sqlite3.Connection, policy_id: str, ref: str) -> VersionInfo:
                           f"of at least {MIN_SHA_PREFIX} characters)")
 
 
-def _latest_event(conn: sqlite3.Connection, policy_id: str) -> _Event | None:
-    row = conn.execute("SELECT id, version_seq, undo_to FROM activations WHERE policy_id = ? ORDER BY id DESC LIMIT 1",
-                       (policy_id,)).fetchone()
+def _latest_event(conn: _Conn, policy_id: str) -> _Event | None:
+    row = conn.execute("SELECT id, version_seq, undo_to FROM activations WHERE tenant = ? AND policy_id = ?"
+                       " ORDER BY id DESC LIMIT 1", (policy_id,)).fetchone()
     return None if row is None else _Event(row["id"], row["version_seq"], row["undo_to"])
 
 
-def _event(conn: sqlite3.Connection, event_id: int) -> _Event:
-    row = conn.execute("SELECT id, version_seq, undo_to FROM activations WHERE id = ?", (event_id,)).fetchone()
+def _event(conn: _Conn, event_id: int) -> _Event:
+    row = conn.execute("SELECT id, version_seq, undo_to FROM activations WHERE tenant = ? AND id = ?",
+                       (event_id,)).fetchone()
     return _Event(row["id"], row["version_seq"], row["undo_to"])
 
 
-def _by_seq(conn: sqlite3.Connection, policy_id: str, seq: int) -> VersionInfo:
+def _by_seq(conn: _Conn, policy_id: str, seq: int) -> VersionInfo:
     found = _version_where(conn, "policy_id = ? AND seq = ?", (policy_id, seq))
     if found is None:  # the foreign key makes this unreachable unless the file was edited by hand
         raise RegistryDamaged(f"policy {policy_id}: activation names missing version #{seq}; "
@@ -212,19 +231,19 @@ def _by_seq(conn: sqlite3.Connection, policy_id: str, seq: int) -> VersionInfo:
     return found
 
 
-def _active(conn: sqlite3.Connection, policy_id: str) -> VersionInfo | None:
+def _active(conn: _Conn, policy_id: str) -> VersionInfo | None:
     event = _latest_event(conn, policy_id)
     return None if event is None else _by_seq(conn, policy_id, event.version_seq)
 
 
-def _record_activation(conn: sqlite3.Connection, target: VersionInfo, action: str, actor: str | None,
+def _record_activation(conn: _Conn, target: VersionInfo, action: str, actor: str | None,
                        undo_to: int | None) -> None:
-    conn.execute("INSERT INTO activations (policy_id, version_seq, action, actor, at, undo_to)"
-                 " VALUES (?, ?, ?, ?, ?, ?)",
+    conn.execute("INSERT INTO activations (tenant, policy_id, version_seq, action, actor, at, undo_to)"
+                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
                  (target.policy_id, target.seq, action, actor or default_actor(), _now(), undo_to))
 
 
-def _activate(conn: sqlite3.Connection, target: VersionInfo, actor: str | None) -> ActivationResult:
+def _activate(conn: _Conn, target: VersionInfo, actor: str | None) -> ActivationResult:
     current = _latest_event(conn, target.policy_id)
     previous = None if current is None else _by_seq(conn, target.policy_id, current.version_seq)
     if previous is not None and previous.seq == target.seq:
@@ -233,35 +252,37 @@ def _activate(conn: sqlite3.Connection, target: VersionInfo, actor: str | None) 
     return ActivationResult(target, previous, changed=True)
 
 
-def _summary(conn: sqlite3.Connection, policy_id: str) -> PolicySummary:
+def _summary(conn: _Conn, policy_id: str) -> PolicySummary:
     versions = _versions(conn, policy_id)
     return PolicySummary(policy_id, len(versions), versions[-1], _active(conn, policy_id))
 
 
-def _insert_version(conn: sqlite3.Connection, policy: Policy) -> VersionInfo:
+def _insert_version(conn: _Conn, policy: Policy) -> VersionInfo:
     clash = _version_where(conn, "policy_id = ? AND version = ?", (policy.id, policy.version))
     if clash is not None:
         raise VersionConflict(f"policy {policy.id} version {policy.version} already exists with different "
                               f"content (stored sha {clash.short_sha}, this text sha {policy.sha256[:12]}); "
                               "bump the version label")
     now = _now()
-    conn.execute("INSERT OR IGNORE INTO policies (id, created_at) VALUES (?, ?)", (policy.id, now))
+    conn.execute("INSERT OR IGNORE INTO policies (tenant, id, created_at) VALUES (?, ?, ?)", (policy.id, now))
     # Safe under concurrency: BEGIN IMMEDIATE holds the write lock from before this read until commit.
-    seq = conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM versions WHERE policy_id = ?", (policy.id,)).fetchone()[0]
-    conn.execute("INSERT INTO versions (policy_id, seq, version, sha256, title, text, created_at)"
-                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
+    seq = conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM versions WHERE tenant = ? AND policy_id = ?",
+                       (policy.id,)).fetchone()[0]
+    conn.execute("INSERT INTO versions (tenant, policy_id, seq, version, sha256, title, text, created_at)"
+                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                  (policy.id, seq, policy.version, policy.sha256, policy.title, policy.text, now))
     return VersionInfo(policy.id, seq, policy.version, policy.sha256, policy.title, now)
 
 
-def _store(conn: sqlite3.Connection, policy: Policy) -> tuple[VersionInfo, bool]:
+def _store(conn: _Conn, policy: Policy) -> tuple[VersionInfo, bool]:
     """The stored version with this text, inserting it if new; True when it was inserted."""
     existing = _version_where(conn, "sha256 = ?", (policy.sha256,))
     return (existing, False) if existing is not None else (_insert_version(conn, policy), True)
 
 
 def _stored_text_problem(row: sqlite3.Row) -> str | None:
-    where = f"policy {row['policy_id']} version {row['version']}"
+    tenant = "" if row["tenant"] == DEFAULT_TENANT else f"tenant {row['tenant']} "
+    where = f"{tenant}policy {row['policy_id']} version {row['version']}"
     try:
         policy = parse_policy(row["text"], source=where)
     except PolicyError as exc:
@@ -288,24 +309,37 @@ class Registry:
         self.path = self.state_dir / DB_NAME
         self._file = RegistryFile(self.path, busy_timeout_s)
 
+    @contextlib.contextmanager
+    def _write(self, tenant: str) -> Iterator[_Conn]:
+        with self._file.write() as conn:
+            yield _Conn(conn, tenant)
+
+    @contextlib.contextmanager
+    def _read(self, tenant: str) -> Iterator[_Conn]:
+        with self._file.read() as conn:
+            yield _Conn(conn, tenant)
+
     # -- changes ------------------------------------------------------------------------------------------------
 
-    def add(self, policy: Policy, *, activate: bool = False, actor: str | None = None) -> AddResult:
+    def add(self, policy: Policy, *, activate: bool = False, actor: str | None = None,
+            tenant: str = DEFAULT_TENANT) -> AddResult:
         """Store a version (idempotent on its sha256); with `activate`, also make it the active one."""
         _check_consistent(policy)
-        with self._file.write() as conn:
+        with self._write(tenant) as conn:
             info, created = _store(conn, policy)
             activated = activate and _activate(conn, info, actor).changed
         return AddResult(info, created, activated)
 
-    def activate(self, policy_id: str, ref: str, *, actor: str | None = None) -> ActivationResult:
+    def activate(self, policy_id: str, ref: str, *, actor: str | None = None,
+                 tenant: str = DEFAULT_TENANT) -> ActivationResult:
         """Make a version (label, sha256 or sha prefix) the active one; a no-op if it already is."""
-        with self._file.write() as conn:
+        with self._write(tenant) as conn:
             return _activate(conn, _resolve(conn, policy_id, ref), actor)
 
-    def rollback(self, policy_id: str, *, actor: str | None = None) -> ActivationResult:
+    def rollback(self, policy_id: str, *, actor: str | None = None,
+                 tenant: str = DEFAULT_TENANT) -> ActivationResult:
         """Undo the latest activation (or rollback) still in effect, restoring the version active before it."""
-        with self._file.write() as conn:
+        with self._write(tenant) as conn:
             _require_policy(conn, policy_id)
             current = _latest_event(conn, policy_id)
             if current is None:
@@ -320,15 +354,16 @@ class Registry:
             _record_activation(conn, target, "rollback", actor, restored.undo_to)
         return ActivationResult(target, previous, changed=True)
 
-    def import_dir(self, directory: str | Path, *, actor: str | None = None) -> list[ImportOutcome]:
+    def import_dir(self, directory: str | Path, *, actor: str | None = None,
+                   tenant: str = DEFAULT_TENANT) -> list[ImportOutcome]:
         """Add every `*.md` policy file in a directory (files without front matter, like a README, are skipped);
         a policy that has no active version yet gets the imported one activated. One outcome per file."""
         directory = Path(directory)
         if not directory.is_dir():
             raise RegistryError(f"{directory} is not a directory")
-        return [self._import_file(path, actor) for path in sorted(directory.glob("*.md")) if path.is_file()]
+        return [self._import_file(path, actor, tenant) for path in sorted(directory.glob("*.md")) if path.is_file()]
 
-    def _import_file(self, path: Path, actor: str | None) -> ImportOutcome:
+    def _import_file(self, path: Path, actor: str | None, tenant: str) -> ImportOutcome:
         try:
             text = normalise(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError) as exc:
@@ -337,7 +372,7 @@ class Registry:
             return ImportOutcome(path, "skipped", message="no '+++' front matter; not a policy")
         try:
             policy = parse_policy(text, source=path.name)
-            with self._file.write() as conn:
+            with self._write(tenant) as conn:
                 info, created = _store(conn, policy)
                 activated = _latest_event(conn, policy.id) is None and _activate(conn, info, actor).changed
         except ApplianceError as exc:
@@ -346,9 +381,9 @@ class Registry:
 
     # -- queries ------------------------------------------------------------------------------------------------
 
-    def get(self, policy_id: str, ref: str | None = None) -> StoredPolicy:
+    def get(self, policy_id: str, ref: str | None = None, *, tenant: str = DEFAULT_TENANT) -> StoredPolicy:
         """The active version of a policy, or the version `ref` names, parsed back from its stored text."""
-        with self._file.read() as conn:
+        with self._read(tenant) as conn:
             _require_policy(conn, policy_id)
             active = _active(conn, policy_id)
             if ref is not None:
@@ -358,24 +393,26 @@ class Registry:
             else:
                 raise NoActiveVersion(f"policy {policy_id} has no active version; activate one of: "
                                       f"{_describe(_versions(conn, policy_id))}")
-            text = conn.execute("SELECT text FROM versions WHERE sha256 = ?", (info.sha256,)).fetchone()[0]
+            text = conn.execute("SELECT text FROM versions WHERE tenant = ? AND sha256 = ?",
+                                (info.sha256,)).fetchone()[0]
         return StoredPolicy(info, parse_policy(text, source=f"{policy_id}@{info.version}"),
                             active=active is not None and active.seq == info.seq)
 
-    def history(self, policy_id: str) -> PolicyHistory:
+    def history(self, policy_id: str, *, tenant: str = DEFAULT_TENANT) -> PolicyHistory:
         """All versions of a policy and every activation and rollback, oldest first."""
-        with self._file.read() as conn:
+        with self._read(tenant) as conn:
             _require_policy(conn, policy_id)
             rows = conn.execute("SELECT a.id, a.action, v.version, v.sha256, a.actor, a.at FROM activations a"
-                                " JOIN versions v ON v.policy_id = a.policy_id AND v.seq = a.version_seq"
-                                " WHERE a.policy_id = ? ORDER BY a.id", (policy_id,)).fetchall()
+                                " JOIN versions v ON v.tenant = a.tenant AND v.policy_id = a.policy_id"
+                                " AND v.seq = a.version_seq WHERE a.tenant = ? AND a.policy_id = ? ORDER BY a.id",
+                                (policy_id,)).fetchall()
             events = [ActivationEvent(r["id"], policy_id, r["action"], r["version"], r["sha256"], r["actor"], r["at"])
                       for r in rows]
             return PolicyHistory(policy_id, _versions(conn, policy_id), events, _active(conn, policy_id))
 
-    def diff(self, policy_id: str, a: str, b: str) -> str:
+    def diff(self, policy_id: str, a: str, b: str, *, tenant: str = DEFAULT_TENANT) -> str:
         """A unified diff from version `a` to version `b` of a policy's file text; empty when they are equal."""
-        old, new = self.get(policy_id, a), self.get(policy_id, b)
+        old, new = self.get(policy_id, a, tenant=tenant), self.get(policy_id, b, tenant=tenant)
         lines = difflib.unified_diff(old.policy.text.splitlines(keepends=True),
                                      new.policy.text.splitlines(keepends=True),
                                      fromfile=f"{policy_id}@{old.info.version} ({old.info.short_sha})",
@@ -389,11 +426,16 @@ class Registry:
             problems = [row[0] for row in conn.execute("PRAGMA integrity_check") if row[0] != "ok"]
             problems += [f"foreign key violation in {row[0]} row {row[1]} (refers to {row[2]})"
                          for row in conn.execute("PRAGMA foreign_key_check")]
-            rows = conn.execute("SELECT policy_id, version, sha256, text FROM versions").fetchall()
+            rows = conn.execute("SELECT tenant, policy_id, version, sha256, text FROM versions").fetchall()
         return problems + [problem for row in rows if (problem := _stored_text_problem(row))]
 
-    # Last in the class on purpose: below this name, `list` in annotations would mean the method, not the builtin.
-    def list(self) -> list[PolicySummary]:
-        """Every policy, by id, with its active version (None when none was ever activated)."""
+    def tenants(self) -> list[str]:
+        """Every tenant that holds a policy (the server warms each one's active versions)."""
         with self._file.read() as conn:
+            return [row[0] for row in conn.execute("SELECT DISTINCT tenant FROM policies ORDER BY tenant")]
+
+    # Last in the class on purpose: below this name, `list` in annotations would mean the method, not the builtin.
+    def list(self, *, tenant: str = DEFAULT_TENANT) -> list[PolicySummary]:
+        """Every policy of a tenant, by id, with its active version (None when none was ever activated)."""
+        with self._read(tenant) as conn:
             return [_summary(conn, policy_id) for policy_id in _known_policies(conn)]

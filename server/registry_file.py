@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
+from server.identity import DEFAULT_TENANT
 from server.registry_errors import RegistryUnavailable
 from server.sqlite_wal import enable_wal
 
@@ -51,7 +52,58 @@ _SCHEMA_V1 = (
     )""",
     "CREATE INDEX activations_by_policy ON activations(policy_id, id)",
 )
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_SCHEMA_V1,)
+# Version 2: policies belong to a tenant. Every key gains the tenant, and a sha256 is unique per tenant (two tenants
+# may hold the same text without either learning of the other). Policies stored before go to the default tenant.
+# SQLite cannot change a table's keys in place: the old tables are renamed aside, copied and dropped, all in the
+# migration's one transaction, so a crash leaves the file wholly at version 1 or wholly at version 2.
+_TENANTS_V2 = (
+    "DROP INDEX activations_by_policy",
+    "ALTER TABLE activations RENAME TO activations_v1",
+    "ALTER TABLE versions RENAME TO versions_v1",
+    "ALTER TABLE policies RENAME TO policies_v1",
+    """CREATE TABLE policies (
+        tenant TEXT NOT NULL,
+        id TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        PRIMARY KEY (tenant, id)
+    )""",
+    """CREATE TABLE versions (
+        tenant TEXT NOT NULL,
+        policy_id TEXT NOT NULL,
+        seq INTEGER NOT NULL CHECK (seq > 0),
+        version TEXT NOT NULL,
+        sha256 TEXT NOT NULL CHECK (length(sha256) = 64),
+        title TEXT NOT NULL,
+        text TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        PRIMARY KEY (tenant, policy_id, seq),
+        UNIQUE (tenant, policy_id, version),
+        UNIQUE (tenant, sha256),
+        FOREIGN KEY (tenant, policy_id) REFERENCES policies(tenant, id)
+    )""",
+    """CREATE TABLE activations (
+        id INTEGER PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        policy_id TEXT NOT NULL,
+        version_seq INTEGER NOT NULL,
+        action TEXT NOT NULL CHECK (action IN ('activate', 'rollback')),
+        actor TEXT NOT NULL,
+        at TEXT NOT NULL,
+        undo_to INTEGER REFERENCES activations(id),
+        FOREIGN KEY (tenant, policy_id, version_seq) REFERENCES versions(tenant, policy_id, seq)
+    )""",
+    f"INSERT INTO policies (tenant, id, created_at) SELECT '{DEFAULT_TENANT}', id, created_at FROM policies_v1",
+    f"""INSERT INTO versions (tenant, policy_id, seq, version, sha256, title, text, created_at)
+        SELECT '{DEFAULT_TENANT}', policy_id, seq, version, sha256, title, text, created_at FROM versions_v1""",
+    f"""INSERT INTO activations (id, tenant, policy_id, version_seq, action, actor, at, undo_to)
+        SELECT id, '{DEFAULT_TENANT}', policy_id, version_seq, action, actor, at, undo_to FROM activations_v1
+        ORDER BY id""",
+    "DROP TABLE activations_v1",
+    "DROP TABLE versions_v1",
+    "DROP TABLE policies_v1",
+    "CREATE INDEX activations_by_policy ON activations(tenant, policy_id, id)",
+)
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_SCHEMA_V1, _TENANTS_V2)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -47,8 +47,9 @@ def settings_options(command: typing.Callable) -> typing.Callable:
 
 
 async def run(settings: ServerSettings, repository: Path | None, start_timeout_s: float) -> None:
-    from server.servicer import serve
+    from server.servicer import preflight, serve
 
+    preflight(settings)  # refuse before Triton spends minutes loading the model
     supervisor = None
     if repository is not None:
         from server.triton.supervisor import SupervisorConfig, TritonSupervisor

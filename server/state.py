@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from server.audit_file import AUDIT_DB_NAME
+from server.keys import KEYS_DB_NAME
 from server.registry import DB_NAME
 
 STATE_DIR_ENV = "APPLIANCE_STATE_DIR"
@@ -36,6 +37,11 @@ def registry_path(state_dir: str | Path) -> Path:
 def audit_path(state_dir: str | Path) -> Path:
     """The audit log's database file under a state directory."""
     return state_path(state_dir) / AUDIT_DB_NAME
+
+
+def keys_path(state_dir: str | Path) -> Path:
+    """The API key table's database file under a state directory."""
+    return state_path(state_dir) / KEYS_DB_NAME
 
 
 def state_dir_option(command: Callable[..., Any]) -> Callable[..., Any]:

@@ -15,7 +15,7 @@ from server.metrics import INLINE, Metrics, MetricsError, Observation, serve_met
 def _observation(**changes: object) -> Observation:
     values = dict(policy="spam", queue_s=0.001, time_to_first_token_s=0.004, time_to_verdict_s=0.02, total_s=0.021,
                   prompt_tokens=700, cached_prompt_tokens=650, reasoning_tokens=40, output_tokens=60,
-                  parse_status="ok", violation=True, category="SP2")
+                  parse_status="ok", violation=True, category="SP2", declared_categories=("SP2",))
     values.update(changes)
     return Observation(**values)
 
