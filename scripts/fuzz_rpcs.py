@@ -25,7 +25,7 @@ sys.path.insert(0, str(TESTS))  # the shared strategies and harness live with th
 
 from hypothesis import HealthCheck, Phase, find, given, seed, settings  # noqa: E402
 from hypothesis.errors import Flaky, NoSuchExample, Unsatisfiable  # noqa: E402
-from rpc_fuzzing import FuzzTarget, Outcome, Tally, known_bug, problems  # noqa: E402
+from rpc_fuzzing import FuzzTarget, Outcome, Tally, problems  # noqa: E402
 from rpc_strategies import Case, cases  # noqa: E402
 
 PROGRESS_EVERY_S = 10.0
@@ -111,8 +111,7 @@ def _report(run: Run) -> int:
     print(f"failing cases: {len(tally.failures)}, of {len(run.first)} kinds")
     for (method, label, what), (case, found) in sorted(run.first.items()):
         count = sum(1 for c, f in tally.failures if _signature(c, f) == (method, label, what))
-        known = known_bug(case)
-        print(f"\n- {what} ({count} cases){f' [known: {known}]' if known else ''}")
+        print(f"\n- {what} ({count} cases)")
         print(f"  problem: {found[0][:400]}")
         print(f"  first case: {case.describe(300)}")
         if not run.stopped and run.args.shrink_calls:

@@ -212,8 +212,6 @@ def _streamed(method: str, answers: list[bytes]) -> Outcome:
                    longest_item_error=max((len(r.error.message) for r in results), default=0))
 
 
-# Failures other branches of issue [G] fix: (what, where). The strategies keep producing them.
-KNOWN_BUGS = (("deeply nested TOML front matter answers INTERNAL", "the input helper, classification/policy.py"),)
 ECHO_LIMIT = 1000  # chars; quoted in an error (escaped, then percent-encoded) it nears gRPC's 16 KiB metadata limit
 
 
@@ -229,14 +227,6 @@ def _policy_texts(request: object) -> list[str]:
 
 def _selectors(request: pb.ClassifyBatchRequest) -> list[pb.PolicySelector]:
     return [*request.policies, *(s for item in request.items for s in item.policies)]
-
-
-def known_bug(case: Case) -> str | None:
-    """The known bug `case` runs into, if any."""
-    if any("[[[[[[[[" in text or "{b = {b = {b = {b =" in text for text in _policy_texts(case.request)):
-        what, where = KNOWN_BUGS[0]
-        return f"{what} ({where})"
-    return None
 
 
 def echoes_long_string(case: Case) -> bool:

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from rpc_fuzzing import REPO, FuzzTarget, echoes_long_string, known_bug, problems
+from rpc_fuzzing import REPO, FuzzTarget, echoes_long_string, problems
 from rpc_strategies import METHODS, Case, cases, huge_text, raw_payloads
 
 from server.generated.safeguard.v1 import safeguard_pb2 as pb
@@ -56,9 +56,6 @@ def test_every_rpc_answers_hostile_input_with_an_expected_status(target):
     @CI
     @given(cases())
     def answered(case: Case) -> None:
-        # Known bug, fixed on the input helper's branch (classification/policy.py refuses deep nesting with a
-        # PolicyError): deeply nested TOML front matter answers INTERNAL. Remove this assume() once it is merged.
-        assume(known_bug(case) is None)
         assume(UNDECODABLE_FIXED or not case.raw)  # see UNDECODABLE_FIXED
         assume(LONG_ECHO_FIXED or case.raw or not echoes_long_string(case))  # see LONG_ECHO_FIXED
         outcome = runner.run(fuzzed.call(case))
