@@ -129,10 +129,10 @@ def main() -> int:
     parser.add_argument("--tmp", help="parent of the temporary directory (default: the system's)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="fuzz-rpcs-", dir=args.tmp) as root:
-        target = FuzzTarget(Path(root)).start()
+        target = FuzzTarget(Path(root))
         runner = asyncio.Runner()
         try:
-            runner.run(target.open())
+            runner.run(target.start().open())
             run = Run(target, runner, args)
             print(f"fuzzing {target.address} with {args.cases:,} cases", file=sys.stderr, flush=True)
 

@@ -31,7 +31,8 @@ CI = settings(max_examples=CI_CASES, derandomize=True, deadline=None, database=N
 UNDECODABLE_FIXED = False
 # Error messages quote request strings whole ("unknown policy '<1 MB id>'"): past gRPC's 16 KiB metadata limit
 # the client gets RESOURCE_EXHAUSTED "Stream removed" instead of the status, until server/registry.py,
-# server/policy_admin.py and classification/policy.py shorten what they quote (or servicer.py's _fail caps it).
+# server/policy_admin.py and classification/policy.py shorten what they quote, or servicer.py caps messages (in
+# _fail, and batch item errors in batch_result_proto).
 LONG_ECHO_FIXED = False
 
 pytestmark = pytest.mark.filterwarnings("ignore:Generating overly large repr")
@@ -40,9 +41,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:Generating overly large repr")
 @pytest.fixture(scope="module")
 def target(tmp_path_factory) -> Iterator[tuple[asyncio.Runner, FuzzTarget]]:
     runner = asyncio.Runner()
-    fuzzed = FuzzTarget(tmp_path_factory.mktemp("fuzz")).start()
+    fuzzed = FuzzTarget(tmp_path_factory.mktemp("fuzz"))
     try:
-        runner.run(fuzzed.open())
+        runner.run(fuzzed.start().open())
         yield runner, fuzzed
     finally:
         runner.run(fuzzed.close())
