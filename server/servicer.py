@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -60,6 +61,7 @@ log = logging.getLogger("safeguard.servicer")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Safeguard"].full_name
 LIVENESS_SERVICE = "liveness"
 RETRY_AFTER_KEY = "retry-after-ms"
+MAX_MESSAGE_BYTES = 2000
 _SERVER_FAULTS = frozenset({"INTERNAL", "UNAVAILABLE", "UNKNOWN", "DATA_LOSS"})
 _EFFORTS = {pb.REASONING_EFFORT_LOW: "low", pb.REASONING_EFFORT_MEDIUM: "medium", pb.REASONING_EFFORT_HIGH: "high"}
 _PARSE_STATUS = {OK: pb.PARSE_STATUS_OK, MALFORMED: pb.PARSE_STATUS_MALFORMED,
@@ -135,7 +137,7 @@ def batch_result_proto(o: BatchOutcome) -> pb.BatchResult:
         return pb.BatchResult(item_id=o.item_id, policy_ref=o.policy_ref, result=response_proto(o.result))
     error = o.error or ServiceError("no result")
     return pb.BatchResult(item_id=o.item_id, policy_ref=o.policy_ref,
-                          error=pb.ItemError(code=error.code, message=error.message))
+                          error=pb.ItemError(code=error.code, message=_capped(error.message)))
 
 
 # -- the service ----------------------------------------------------------------------------------------------
@@ -233,11 +235,11 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
             return handler
         if handler.unary_unary is not None:
             wrapped = grpc.unary_unary_rpc_method_handler(
-                _guard_unary(handler.unary_unary, details.method), handler.request_deserializer,
+                _guard_unary(handler.unary_unary, details.method), _lenient(handler.request_deserializer),
                 handler.response_serializer)
         elif handler.unary_stream is not None:
             wrapped = grpc.unary_stream_rpc_method_handler(
-                _guard_stream(handler.unary_stream, details.method), handler.request_deserializer,
+                _guard_stream(handler.unary_stream, details.method), _lenient(handler.request_deserializer),
                 handler.response_serializer)
         else:
             wrapped = handler  # reflection's bidirectional stream: nothing of ours can raise in it
@@ -245,10 +247,37 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         return wrapped
 
 
+@dataclass(frozen=True)
+class _Undecodable:
+    """Request bytes that do not parse as the method's message: the guard refuses them as the caller's mistake
+    (left to gRPC, they answer UNKNOWN and log a traceback)."""
+
+    reason: str
+
+
+def _lenient(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserialize is None:
+        return None
+
+    def read(raw: bytes) -> Any:
+        try:
+            return deserialize(raw)
+        except DecodeError as exc:
+            return _Undecodable(str(exc))
+
+    return read
+
+
+def _check_decoded(request: Any, method: str) -> None:
+    if isinstance(request, _Undecodable):
+        raise InvalidArgument(f"the request is not a valid {method.rpartition('/')[2]} message: {request.reason}")
+
+
 def _guard_unary(behavior: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Awaitable[Any]]:
     async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
         started = time.perf_counter()
         try:
+            _check_decoded(request, method)
             response = await behavior(request, context)
         except Exception as exc:
             await _fail(context, exc, method, started)
@@ -262,6 +291,7 @@ def _guard_stream(behavior: Callable[..., AsyncIterator[Any]], method: str) -> C
     async def guarded(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         started = time.perf_counter()
         try:
+            _check_decoded(request, method)
             async for response in behavior(request, context):
                 yield response
         except Exception as exc:
@@ -276,7 +306,7 @@ async def _fail(context: grpc.aio.ServicerContext, exc: Exception, method: str, 
     if isinstance(exc, grpc.aio.AbortError):
         raise exc
     if isinstance(exc, ServiceError):
-        code, message = grpc.StatusCode[exc.code], exc.message
+        code, message = grpc.StatusCode[exc.code], _capped(exc.message)
         trailers = () if exc.retry_after_ms is None else ((RETRY_AFTER_KEY, str(exc.retry_after_ms)),)
         _done(method, exc.code, started, error=message)
     else:
@@ -286,6 +316,15 @@ async def _fail(context: grpc.aio.ServicerContext, exc: Exception, method: str, 
         message = f"internal error; the server log has the details under request id {request_id}"
         _done(method, "INTERNAL", started, error=message)
     await context.abort(code, message, trailers)
+
+
+def _capped(message: str) -> str:
+    """A message that fits gRPC's metadata limits (8 KiB soft, 16 KiB hard, after percent-encoding): one that quotes
+    a long request string whole would otherwise reach the client as RESOURCE_EXHAUSTED "Stream removed"."""
+    raw = message.encode()
+    if len(raw) <= MAX_MESSAGE_BYTES:  # percent-encoding at most triples them
+        return message
+    return f"{raw[:MAX_MESSAGE_BYTES].decode(errors='ignore')}... ({len(message):,} characters in all)"
 
 
 def _done(method: str, code: str, started: float, error: str = "") -> None:

@@ -24,16 +24,6 @@ from server.generated.safeguard.v1 import safeguard_pb2 as pb
 CI_CASES = 200
 CI = settings(max_examples=CI_CASES, derandomize=True, deadline=None, database=None, print_blob=True,
               suppress_health_check=list(HealthCheck))
-# Two bugs this fuzzing found, reported for fixing in files outside this branch; each has a strict xfail below that
-# starts failing once its fix lands; then set its flag to True, which puts those cases back in the main property.
-# Bytes that do not parse answer UNKNOWN (gRPC's own deserializer raises before our status mapping runs) until
-# server/servicer.py's StatusInterceptor wraps the request deserializer.
-UNDECODABLE_FIXED = False
-# Error messages quote request strings whole ("unknown policy '<1 MB id>'"): past gRPC's 16 KiB metadata limit
-# the client gets RESOURCE_EXHAUSTED "Stream removed" instead of the status, until server/registry.py,
-# server/policy_admin.py and classification/policy.py shorten what they quote, or servicer.py caps messages (in
-# _fail, and batch item errors in batch_result_proto).
-LONG_ECHO_FIXED = False
 
 pytestmark = pytest.mark.filterwarnings("ignore:Generating overly large repr")
 
@@ -57,8 +47,6 @@ def test_every_rpc_answers_hostile_input_with_an_expected_status(target):
     @CI
     @given(cases())
     def answered(case: Case) -> None:
-        assume(UNDECODABLE_FIXED or not case.raw)  # see UNDECODABLE_FIXED
-        assume(LONG_ECHO_FIXED or case.raw or not echoes_long_string(case))  # see LONG_ECHO_FIXED
         outcome = runner.run(fuzzed.call(case))
         assert not problems(case, outcome), (case.describe(), problems(case, outcome))
         assert not runner.run(fuzzed.answering(classify=False)), case.describe()
@@ -68,9 +56,7 @@ def test_every_rpc_answers_hostile_input_with_an_expected_status(target):
     assert fuzzed.faults_logged() == []
 
 
-@pytest.mark.xfail(not UNDECODABLE_FIXED, strict=True,
-                   reason="undecodable request bytes answer UNKNOWN: server/servicer.py must map DecodeError to "
-                          "INVALID_ARGUMENT")
+# Found by this fuzzing: gRPC\'s own deserializer raised before the status mapping, so such bytes answered UNKNOWN.
 def test_bytes_that_are_no_request_answer_invalid_argument(target):
     runner, fuzzed = target
 
@@ -85,8 +71,8 @@ def test_bytes_that_are_no_request_answer_invalid_argument(target):
     assert runner.run(fuzzed.answering()) == []
 
 
-@pytest.mark.xfail(not LONG_ECHO_FIXED, strict=True,
-                   reason="errors quote long request strings whole and outgrow gRPC's metadata limit")
+# Found by this fuzzing: errors quoted request strings whole and outgrew gRPC\'s metadata limit (the client saw
+# RESOURCE_EXHAUSTED "Stream removed"); servicer.py caps every message.
 def test_long_refs_and_ids_get_their_status_not_a_dropped_stream(target):
     runner, fuzzed = target
 
