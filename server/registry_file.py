@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 from server.registry_errors import RegistryUnavailable
-from server.sqlite_wal import enable_wal
+from server.sqlite_wal import enable_wal, make_private
 
 DEFAULT_BUSY_TIMEOUT_S = 30.0
 
@@ -62,7 +62,7 @@ class RegistryFile:
         self.path = path
         self.busy_timeout_s = busy_timeout_s
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            make_private(path)
         except OSError as exc:
             raise RegistryUnavailable(f"cannot create state directory {path.parent}: {exc.strerror or exc}"
                                       ) from None

@@ -8,18 +8,16 @@ Every endpoint binds to one address, 127.0.0.1 unless told otherwise: the front 
 runs in its own session, so stopping it signals the whole process group (server and python-backend stubs) and
 then waits until no member is left. Each server passes the python backend its own shared-memory prefix, so the
 segments a crashed server or stub leaves in /dev/shm are found and removed without touching any other server's.
+If the owner itself is killed, the next start removes what it left (`server.triton.reaper`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import secrets
 import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -35,8 +33,9 @@ from engine.triton.runtime import (
     environment,
     signal_group,
 )
+from server.triton import reaper
 
-SHM_DIR = Path("/dev/shm")
+SHM_DIR = reaper.SHM_DIR
 LOG_TAIL_LINES = 40
 STOP_MARGIN_S = 10.0  # beyond the exit timeout, for unloading models (freeing a GPU takes seconds)
 ORPHAN_GRACE_S = 2.0
@@ -106,12 +105,13 @@ class TritonServer:
         cfg = self.config
         if not Path(cfg.repository).is_dir():
             raise TritonLaunchError(f"{cfg.repository}: no such model repository")
-        self.workdir = Path(cfg.workdir) if cfg.workdir else Path(tempfile.mkdtemp(prefix="tritonserver-"))
+        reaper.reap()
+        self.workdir = Path(cfg.workdir) if cfg.workdir else reaper.new_workdir()
         backends = _prepare_backends(install, self.workdir)
         self.grpc_port, self.http_port, self.metrics_port = (p or _free_port(cfg.host) for p in
                                                               (cfg.grpc_port, cfg.http_port, cfg.metrics_port))
         # Unique per server: the python backend names its segments <prefix><uuid>, so leftovers are attributable.
-        self.shm_prefix = f"safeguard_{os.getpid()}_{secrets.token_hex(4)}_"
+        self.shm_prefix = reaper.new_shm_prefix()
         command = [
             str(install.binary),
             f"--model-repository={Path(cfg.repository).resolve()}",
