@@ -15,7 +15,7 @@ Printed: the stub's resident memory (psutil: the triton_python_backend_stub proc
 warm-up and every `--sample-every` cancels, the growth over the first and second half, how every stream ended,
 and the executor's figures at the end (`safeguard_model_executor` on Triton's metrics endpoint), whose requests
 running and waiting, and streams the model holds open, must be back to zero. `tests/test_leaks.py` runs a small
-storm; nothing here asserts on time or memory.
+storm (`--json` hands it the figures); nothing here asserts on time or memory.
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ class StormConfig:
     prefix_tokens: int = 300
     content_tokens: int = 40
     sample_every: int = 100
+    distinct_prefixes: int = 0  # 1: every stream its own prefix (inline policies, a policy per caller): the store fills
     seed: int = 0
 
 
@@ -95,9 +96,9 @@ def checkpoint(preset: str) -> Path:
     return final
 
 
-def write_reference_repository(out: Path, model_dir: Path, *, max_concurrency: int = 2) -> Path:
+def write_reference_repository(out: Path, model_dir: Path, *, prefix_cache_mb: int = 512) -> Path:
     settings = EngineSettings(executor="reference", model_dir=str(model_dir), model_fingerprint="bench-cancel-storm",
-                              dtype="float32", max_concurrency=max_concurrency)
+                              dtype="float32", prefix_cache_bytes=prefix_cache_mb << 20)
     write_repository(out, settings, "KIND_CPU")
     return out
 
@@ -150,6 +151,8 @@ class Storm:
 
     def request(self, max_tokens: int) -> GenerateRequest:
         self.serial += 1
+        if self.config.distinct_prefixes:
+            self.prefix = [self._token() for _ in range(self.config.prefix_tokens)]
         content = [self._token() for _ in range(self.config.content_tokens)]
         return GenerateRequest([*self.prefix, *content], max_tokens, prefix_len=len(self.prefix),
                                request_id=f"storm-{self.serial}")
@@ -235,15 +238,21 @@ def main() -> None:
     for name, value in vars(defaults).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     parser.add_argument("--preset", default="smoke", choices=("smoke", "mid"))
+    parser.add_argument("--prefix-cache-mb", type=int, default=512, help="the prefix store's budget")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
     args = parser.parse_args()
     config = StormConfig(**{name: getattr(args, name) for name in vars(defaults)})
     model_dir = checkpoint(args.preset)
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     with tempfile.TemporaryDirectory(prefix="bench-cancel-storm-") as tmp:
-        repo = write_reference_repository(Path(tmp) / "repo", model_dir)
+        repo = write_reference_repository(Path(tmp) / "repo", model_dir, prefix_cache_mb=args.prefix_cache_mb)
         print(f"{args.preset} checkpoint {model_dir}; {config}", flush=True)
         with TritonServer(TritonConfig(repo)) as server:
-            report(asyncio.run(run_storm(server, config, vocab=vocab)))
+            result = asyncio.run(run_storm(server, config, vocab=vocab))
+    report(result)
+    if args.json is not None:
+        args.json.write_text(json.dumps({"rss_mb": result.rss_mb, "growth_mb": result.growth(),
+                                         "endings": result.endings, "figures": result.figures}, indent=1))
 
 
 if __name__ == "__main__":
