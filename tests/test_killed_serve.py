@@ -1,7 +1,9 @@
 """A real `appliance serve --repository` (canned model), SIGKILLed while serving, with its temp directory set to the
 test's own: its state is private while it serves (the audit log's -wal and -shm files included), tritonserver dies
 with it, and what it could not remove (its Triton work directory; shared memory, where a stub had not removed it) is
-removed by the next launcher start, so nothing of it remains in the temp directory or /dev/shm.
+removed by the next launcher start, so nothing of it remains in the temp directory or /dev/shm. Triton and its
+stubs get a temporary directory inside the work directory, so what they create there (torch makes
+`$TMPDIR/torchinductor_<user>` at import) goes with it.
 """
 
 from __future__ import annotations
@@ -52,6 +54,11 @@ def _live_pids_mentioning(text: str) -> list[int]:
     return found
 
 
+def _environment(pid: int) -> dict[str, str]:
+    entries = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")
+    return dict(entry.split("=", 1) for entry in entries if "=" in entry)
+
+
 def _classified(port: int) -> bool:
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         try:
@@ -92,6 +99,9 @@ def test_a_killed_serve_leaves_private_state_and_nothing_in_tmp_or_shm(tmp_path:
         owned_shm = f"{reaper.SHM_PREFIX}{serve.pid}_"
         (workdir,) = [p for p in tmp.iterdir() if p.name.startswith(f"{reaper.WORKDIR_PREFIX}{serve.pid}-")]
         assert list(SHM_DIR.glob(f"{owned_shm}*")), "the python backend's segments carry the owner's pid"
+        # Their own temporary files (torch's inductor cache directory, ...) go inside the work directory.
+        triton_pids = [pid for pid in _live_pids_mentioning(str(repo)) if pid != serve.pid]
+        assert triton_pids and all(_environment(pid)["TMPDIR"] == str(workdir / "tmp") for pid in triton_pids)
         # The audit writer keeps its connection once it has written the record, so the log's -wal and -shm exist.
         assert _wait(lambda: (state / f"{AUDIT_DB_NAME}-shm").exists(), 10), "no audit record written"
         assert _mode(state) == 0o700

@@ -1,8 +1,8 @@
 """Starting and stopping the tritonserver binary that ships in the nvidia-pytriton wheel.
 
 Each server gets a private working directory holding a copy of the wheel's backends with the python-backend stub
-for this interpreter copied into `backends/python/`, and its log; where the wheel keeps them, and the environment
-the binary needs, is `engine.triton.runtime`.
+for this interpreter copied into `backends/python/`, its log, and the temporary directory its processes are given
+($TMPDIR); where the wheel keeps them, and the environment the binary needs, is `engine.triton.runtime`.
 
 Every endpoint binds to one address, 127.0.0.1 unless told otherwise: the front end is the only client. The server
 runs in its own session, so stopping it signals the whole process group (server and python-backend stubs) and
@@ -108,6 +108,9 @@ class TritonServer:
         reaper.reap()
         self.workdir = Path(cfg.workdir) if cfg.workdir else reaper.new_workdir()
         backends = _prepare_backends(install, self.workdir)
+        # The server's and its stubs' temporary files (torch makes $TMPDIR/torchinductor_<user> at import) go in
+        # the work directory too, so whatever removes it (stop, or the reaper after a kill) removes them.
+        env = {**environment(install), "TMPDIR": str(_private_tmp(self.workdir))}
         self.grpc_port, self.http_port, self.metrics_port = (p or _free_port(cfg.host) for p in
                                                               (cfg.grpc_port, cfg.http_port, cfg.metrics_port))
         # Unique per server: the python backend names its segments <prefix><uuid>, so leftovers are attributable.
@@ -129,7 +132,7 @@ class TritonServer:
         try:
             with self.log_path.open("wb") as log:
                 self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log,
-                                                stderr=subprocess.STDOUT, env=environment(install),
+                                                stderr=subprocess.STDOUT, env=env,
                                                 cwd=self.workdir, start_new_session=True,
                                                 preexec_fn=die_with_parent)
             self.wait_ready(timeout)
@@ -241,6 +244,12 @@ def _prepare_backends(install: TritonInstall, workdir: Path) -> Path:
     shutil.copytree(install.root / "backends", backends, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy2(install.stub, backends / "python" / STUB_NAME)
     return backends
+
+
+def _private_tmp(workdir: Path) -> Path:
+    tmp = workdir / "tmp"
+    tmp.mkdir(mode=0o700, exist_ok=True)
+    return tmp
 
 
 def _free_port(host: str) -> int:
