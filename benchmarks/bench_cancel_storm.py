@@ -63,6 +63,7 @@ class StormConfig:
     slow_pause_s: float = 0.05  # between chunks, for a slow reader
     prefix_tokens: int = 300
     content_tokens: int = 40
+    content_tokens_max: int = 0  # above content_tokens: each stream's content length is drawn from the range
     sample_every: int = 100
     distinct_prefixes: int = 0  # 1: every stream its own prefix (inline policies, a policy per caller): the store fills
     seed: int = 0
@@ -153,7 +154,9 @@ class Storm:
         self.serial += 1
         if self.config.distinct_prefixes:
             self.prefix = [self._token() for _ in range(self.config.prefix_tokens)]
-        content = [self._token() for _ in range(self.config.content_tokens)]
+        length = self.rng.randint(self.config.content_tokens, max(self.config.content_tokens,
+                                                                  self.config.content_tokens_max))
+        content = [self._token() for _ in range(length)]
         return GenerateRequest([*self.prefix, *content], max_tokens, prefix_len=len(self.prefix),
                                request_id=f"storm-{self.serial}")
 
