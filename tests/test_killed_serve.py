@@ -1,7 +1,8 @@
 """A real `appliance serve --repository` (canned model), SIGKILLed while serving, with its temp directory set to the
 test's own: its state is private while it serves (the audit log's -wal and -shm files included), tritonserver dies
 with it, and what it could not remove (its Triton work directory; shared memory, where a stub had not removed it) is
-removed by the next launcher start, so nothing of it remains in the temp directory or /dev/shm. Triton and its
+removed by the next launcher start, so nothing of it remains in the temp directory or /dev/shm. It is killed with
+a stream open, which is when a python-backend stub would otherwise outlive it. Triton and its
 stubs get a temporary directory inside the work directory, so what they create there (torch makes
 `$TMPDIR/torchinductor_<user>` at import) goes with it.
 """
@@ -13,13 +14,14 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import grpc
 from click.testing import CliRunner
 from frontend_api import classify_request
-from test_triton_client import FINGERPRINT, canned_scripts
+from test_triton_client import FINGERPRINT, SLOW, canned_scripts
 
 from appliance.cli import main
 from build_scripts.repository import write_canned_repository
@@ -59,10 +61,10 @@ def _environment(pid: int) -> dict[str, str]:
     return dict(entry.split("=", 1) for entry in entries if "=" in entry)
 
 
-def _classified(port: int) -> bool:
+def _classified(port: int, text: str = "hello there") -> bool:
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         try:
-            pb_grpc.SafeguardStub(channel).Classify(classify_request(), timeout=5)
+            pb_grpc.SafeguardStub(channel).Classify(classify_request(text), timeout=10)
             return True
         except grpc.RpcError:
             return False
@@ -107,11 +109,17 @@ def test_a_killed_serve_leaves_private_state_and_nothing_in_tmp_or_shm(tmp_path:
         assert _mode(state) == 0o700
         for name in (DB_NAME, AUDIT_DB_NAME, f"{AUDIT_DB_NAME}-wal", f"{AUDIT_DB_NAME}-shm"):
             assert _mode(state / name) == 0o600, name
+        # Killed mid-stream: a stub that was talking to its server when the server died would wait on it for good.
+        for _ in range(3):
+            threading.Thread(target=_classified, args=(port, SLOW), daemon=True).start()
+        time.sleep(1.0)
     finally:
         serve.kill()
         serve.wait()
         serve.stderr.close()
-    assert _wait(lambda: not _live_pids_mentioning(str(repo)), 15), "tritonserver or a stub outlived its owner"
+    # The kernel kills tritonserver with its owner, and the stubs with their server (engine.triton.runtime).
+    assert _wait(lambda: not _live_pids_mentioning(str(repo)), 15), \
+        "tritonserver or a stub outlived its owner"
     assert workdir.is_dir(), "a killed owner cannot clean up after itself (so this test can see the reaper work)"
 
     # The next start, here a launcher in this process with the same temp directory, removes the leftovers.

@@ -55,6 +55,7 @@ from engine.executors.base import (
 from engine.executors.factory import create_executor
 from engine.settings import SETTINGS_FILE, EngineSettings
 from engine.triton.contract import INPUTS, SETTINGS_PARAMETER
+from engine.triton.runtime import watch_stub_parent
 
 try:
     import triton_python_backend_utils as pb_utils
@@ -145,6 +146,7 @@ class TritonPythonModel:
     """Triton's entry points; see the module docstring for the tensors and response protocol."""
 
     def initialize(self, args: dict[str, str]) -> None:
+        self._watcher_process = watch_stub_parent()  # else a stub whose server was killed mid-stream lingers
         config = json.loads(args["model_config"])
         if not pb_utils.using_decoupled_model_transaction_policy(config):
             raise pb_utils.TritonModelException("model safeguard must be decoupled (model_transaction_policy)")
