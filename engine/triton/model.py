@@ -26,6 +26,9 @@ STATS_INTERVAL_S as the gauge family `safeguard_model_executor{figure="..."}` on
 backend custom metric), so requests left in flight can be seen from outside the stub. The label values are the
 fixed names the executor reports, never anything a caller sends.
 
+A stub whose server dies while they talk would wait for it for good; `initialize` starts a watcher process that
+ends the stub then (`engine.triton.runtime.watch_stub_parent`).
+
 Model work runs on an asyncio loop in a background thread: `execute` only parses the inputs, hands the request to
 that loop and returns at once, as decoupled models may. The module imports without Triton so its pure helpers can
 be tested; inside Triton the repository's `safeguard/1/model.py` re-exports `TritonPythonModel` from here.

@@ -3,7 +3,8 @@
 An owner that stops its server (`TritonServer.stop`) removes the server's work directory (a copy of the backends and
 the log, in the temp directory) and the python backend's shared-memory segments in /dev/shm. An owner that is
 SIGKILLed cannot: the kernel kills tritonserver with it (PR_SET_PDEATHSIG, `engine.triton.runtime.die_with_parent`)
-and the orphaned stubs exit once their server is gone, but the files stay. So both carry their owner's identity, its
+and the orphaned stubs exit once their server is gone (or are ended by their watcher,
+`engine.triton.runtime.watch_stub_parent`), but the files stay. So both carry their owner's identity, its
 pid and the kernel's start time for that pid (together never reused while the machine is up), and every launcher
 start removes those of owners no longer alive. Only files of the current user are touched, and nothing of an owner
 whose identity cannot be read from the name.
