@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from classification.errors import ApplianceError
+from server.sqlite_wal import make_private
 
 AUDIT_DB_NAME = "audit.sqlite3"
 GENESIS_HASH = "0" * 64
@@ -89,6 +90,8 @@ def record_hash(row: dict[str, Any]) -> str:
 def connect(path: Path, *, read_only: bool, busy_timeout_s: float) -> sqlite3.Connection:
     # isolation_level=None: we BEGIN and COMMIT ourselves, as in server/registry_file.py.
     target, uri = (f"{path.resolve().as_uri()}?mode=ro", True) if read_only else (str(path), False)
+    if not read_only:
+        make_private(path)
     conn = sqlite3.connect(target, uri=uri, timeout=busy_timeout_s, isolation_level=None)
     try:
         if not read_only:

@@ -17,7 +17,7 @@ from typing import Literal
 
 from server.identity import DEFAULT_TENANT
 from server.registry_errors import RegistryUnavailable
-from server.sqlite_wal import enable_wal
+from server.sqlite_wal import enable_wal, make_private
 
 DEFAULT_BUSY_TIMEOUT_S = 30.0
 
@@ -114,7 +114,7 @@ class RegistryFile:
         self.path = path
         self.busy_timeout_s = busy_timeout_s
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            make_private(path)
         except OSError as exc:
             raise RegistryUnavailable(f"cannot create state directory {path.parent}: {exc.strerror or exc}"
                                       ) from None

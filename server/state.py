@@ -5,6 +5,9 @@
 if the server opens the same registry, and `audit verify` only checks what the server wrote if it reads the same
 log. (Left to click's per-command environment names they would not: `APPLIANCE_SERVE_STATE_DIR` against
 `APPLIANCE_POLICY_STATE_DIR`.)
+
+The directory is its owner's alone (0700, each database and its -wal/-shm files 0600): every store in it is made so
+by `server.sqlite_wal.make_private` before SQLite opens it for writing.
 """
 
 from __future__ import annotations

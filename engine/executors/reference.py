@@ -47,6 +47,7 @@ from transformers import AutoModelForCausalLM, Cache, DynamicCache, Mxfp4Config
 
 from classification.render import prefix_key
 from engine.executors.base import BookedExecutor, GenerationChunk, GenerationRequest, RequestBook, SamplingParams
+from engine.executors.heap import HeapTrimmer
 from engine.executors.prefix_store import PrefixStore
 from engine.settings import EngineSettings, SettingsError
 
@@ -130,13 +131,16 @@ class ReferenceExecutor(BookedExecutor):
         self._pool = concurrent.futures.ThreadPoolExecutor(settings.max_concurrency, "reference-executor", initializer)
         self._book: RequestBook[_Job] = RequestBook("reference")
         self._running = 0  # jobs a worker has taken up; the others in the book wait in the pool's queue
+        # A CPU heap fragments between requests' temporaries and the prefix store's entries (engine.executors.heap).
+        self._heap = HeapTrimmer() if self.device.type == "cpu" else None
 
     # -- Executor API --------------------------------------------------------------------------------------------
 
     def stats(self) -> dict[str, float]:
         with self._book.lock:
             counts, in_flight = self._book.figures()
-            ours = {**counts, "requests_running": self._running, "requests_waiting": in_flight - self._running}
+            ours = {**counts, "requests_running": self._running, "requests_waiting": in_flight - self._running,
+                    "heap_trims": self._heap.trims if self._heap is not None else 0}
         return {**ours, **{f"prefix_cache_{k}": v for k, v in self.store.stats().items()}}
 
     async def close(self) -> None:
@@ -177,6 +181,8 @@ class ReferenceExecutor(BookedExecutor):
             self._running -= 1
             self._book.done(job.request.request_id, job, ending.finish)
         job.send(ending.tokens, ending.finish, ending.error)
+        if self._heap is not None:
+            self._heap.after_request()
 
     def _run(self, job: _Job) -> _Ending:
         if job.cancelled.is_set():

@@ -21,6 +21,14 @@ A client cancelling its request (closing the gRPC stream, or Triton's request ca
 the response sender's `is_cancelled()`; the executor is then told to stop and the stream ends with finish_reason
 "cancelled", which Triton discards because nobody is listening.
 
+The executor's `stats()` figures, and how many streams the model holds open, are published every
+STATS_INTERVAL_S as the gauge family `safeguard_model_executor{figure="..."}` on Triton's metrics endpoint (a python
+backend custom metric), so requests left in flight can be seen from outside the stub. The label values are the
+fixed names the executor reports, never anything a caller sends.
+
+A stub whose server dies while they talk would wait for it for good; `initialize` starts a watcher process that
+ends the stub then (`engine.triton.runtime.watch_stub_parent`).
+
 Model work runs on an asyncio loop in a background thread: `execute` only parses the inputs, hands the request to
 that loop and returns at once, as decoupled models may. The module imports without Triton so its pure helpers can
 be tested; inside Triton the repository's `safeguard/1/model.py` re-exports `TritonPythonModel` from here.
@@ -50,6 +58,7 @@ from engine.executors.base import (
 from engine.executors.factory import create_executor
 from engine.settings import SETTINGS_FILE, EngineSettings
 from engine.triton.contract import INPUTS, SETTINGS_PARAMETER
+from engine.triton.runtime import watch_stub_parent
 
 try:
     import triton_python_backend_utils as pb_utils
@@ -57,6 +66,8 @@ except ImportError:  # outside Triton: the helpers below are still usable
     pb_utils = None
 
 CANCEL_POLL_S = 0.05  # how often running requests are checked for client cancellation
+STATS_INTERVAL_S = 1.0  # how often the executor's figures are published as Triton metrics
+GAUGE_FAMILY = "safeguard_model_executor"
 SHUTDOWN_TIMEOUT_S = 30.0
 _SERIAL_SEPARATOR = "#"
 
@@ -138,6 +149,7 @@ class TritonPythonModel:
     """Triton's entry points; see the module docstring for the tensors and response protocol."""
 
     def initialize(self, args: dict[str, str]) -> None:
+        self._watcher_process = watch_stub_parent()  # else a stub whose server was killed mid-stream lingers
         config = json.loads(args["model_config"])
         if not pb_utils.using_decoupled_model_transaction_policy(config):
             raise pb_utils.TritonModelException("model safeguard must be decoupled (model_transaction_policy)")
@@ -148,6 +160,7 @@ class TritonPythonModel:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="safeguard-loop", daemon=True)
         self._thread.start()
+        self._gauges = _Gauges()
         self._watcher = asyncio.run_coroutine_threadsafe(self._watch_cancellations(), self._loop)
         _log("info", f"safeguard: {settings.executor} executor on {settings.device}, model {settings.model_dir}")
 
@@ -180,6 +193,7 @@ class TritonPythonModel:
         self._thread.join(SHUTDOWN_TIMEOUT_S)
         if not self._thread.is_alive():
             self._loop.close()
+        self._gauges.close()
 
     # Everything below runs on the loop thread.
 
@@ -225,9 +239,13 @@ class TritonPythonModel:
 
     async def _watch_cancellations(self) -> None:
         """Poll client cancellation; `is_cancelled` is a round trip to the Triton process, so it is batched here
-        rather than asked once per token."""
+        rather than asked once per token. The executor's figures are published from here too."""
+        published = 0.0
         while True:
             await asyncio.sleep(CANCEL_POLL_S)
+            if (now := self._loop.time()) - published >= STATS_INTERVAL_S:
+                published = now
+                self._publish()
             for stream in list(self._streams.values()):
                 try:
                     stream.cancelled = stream.cancelled or stream.sender.is_cancelled()
@@ -236,6 +254,12 @@ class TritonPythonModel:
                         self._executor.cancel(stream.request.request_id)
                 except Exception as exc:  # the watcher must outlive any one request
                     _log("error", f"safeguard: cancellation check for {stream.request.request_id}: {exc!r}")
+
+    def _publish(self) -> None:
+        try:
+            self._gauges.publish({**self._executor.stats(), "streams_open": len(self._streams)})
+        except Exception as exc:  # figures are a window on the model, never a reason for it to fail
+            _log("error", f"safeguard: publishing executor figures: {exc!r}")
 
     async def _shutdown(self) -> None:
         self._watcher.cancel()
@@ -246,6 +270,31 @@ class TritonPythonModel:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+
+
+class _Gauges:
+    """One Triton gauge per executor figure, in the family GAUGE_FAMILY, labelled `figure`; a value is sent to Triton
+    (a round trip) only when it changed."""
+
+    def __init__(self) -> None:
+        self._family = pb_utils.MetricFamily(name=GAUGE_FAMILY, kind=pb_utils.MetricFamily.GAUGE,
+                                             description="the safeguard model's executor figures (stats())")
+        self._metrics: dict[str, Any] = {}
+        self._values: dict[str, float] = {}
+
+    def publish(self, figures: Mapping[str, float]) -> None:
+        for name, value in figures.items():
+            if self._values.get(name) == value:
+                continue
+            if name not in self._metrics:
+                self._metrics[name] = self._family.Metric(labels={"figure": name})
+            self._metrics[name].set(float(value))
+            self._values[name] = value
+
+    def close(self) -> None:
+        # Triton wants the metrics gone before their family.
+        self._metrics.clear()
+        self._family = None
 
 
 def _send(sender: Any, arrays: Mapping[str, np.ndarray], *, final: bool) -> None:

@@ -74,6 +74,36 @@ def die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+ORPHAN_GRACE_S = 3.0
+# The watcher: a bare interpreter (-S -I: no site, no environment) polling the stub's parent; os and time only.
+_WATCHER = """
+import os, sys, time
+stub, server, grace = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+def parent():
+    stat = open(f"/proc/{stub}/stat").read()
+    return int(stat[stat.rindex(")") + 2:].split()[1])
+while parent() == server:
+    time.sleep(0.5)
+time.sleep(grace)
+os.kill(stub, 9)
+"""
+
+
+def watch_stub_parent(grace_s: float = ORPHAN_GRACE_S) -> subprocess.Popen:
+    """Run in a python-backend stub (the model's initialize): a small watcher process ends the stub if its
+    tritonserver dies and the stub has not exited `grace_s` later.
+
+    The stub notices a dead server itself and exits within a second or two, but not if the server died in the middle
+    of talking to it (killed with its owner while a stream was open): then it waits for good on a lock in shared
+    memory that the dead server held, holding the GIL, so no thread of its own can end it, and it keeps the model's
+    memory. Triton forks stubs from short-lived threads, so PR_SET_PDEATHSIG in the stub would kill it at once;
+    the watcher instead watches the stub's parent change (reparenting is immediate, however the dead server is
+    reaped), and dies with the stub itself (PR_SET_PDEATHSIG from the stub's main thread, which runs initialize), so
+    it can never signal a reused pid. The launcher's reaper removes the shared memory a killed stub leaves."""
+    return subprocess.Popen([sys.executable, "-S", "-I", "-c", _WATCHER, str(os.getpid()), str(os.getppid()),
+                             str(grace_s)], stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
+
+
 def environment(install: TritonInstall) -> dict[str, str]:
     import engine
 

@@ -1,25 +1,23 @@
 """Starting and stopping the tritonserver binary that ships in the nvidia-pytriton wheel.
 
 Each server gets a private working directory holding a copy of the wheel's backends with the python-backend stub
-for this interpreter copied into `backends/python/`, and its log; where the wheel keeps them, and the environment
-the binary needs, is `engine.triton.runtime`.
+for this interpreter copied into `backends/python/`, its log, and the temporary directory its processes are given
+($TMPDIR); where the wheel keeps them, and the environment the binary needs, is `engine.triton.runtime`.
 
 Every endpoint binds to one address, 127.0.0.1 unless told otherwise: the front end is the only client. The server
 runs in its own session, so stopping it signals the whole process group (server and python-backend stubs) and
 then waits until no member is left. Each server passes the python backend its own shared-memory prefix, so the
 segments a crashed server or stub leaves in /dev/shm are found and removed without touching any other server's.
+If the owner itself is killed, the next start removes what it left (`server.triton.reaper`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import secrets
 import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -35,8 +33,9 @@ from engine.triton.runtime import (
     environment,
     signal_group,
 )
+from server.triton import reaper
 
-SHM_DIR = Path("/dev/shm")
+SHM_DIR = reaper.SHM_DIR
 LOG_TAIL_LINES = 40
 STOP_MARGIN_S = 10.0  # beyond the exit timeout, for unloading models (freeing a GPU takes seconds)
 ORPHAN_GRACE_S = 2.0
@@ -106,12 +105,16 @@ class TritonServer:
         cfg = self.config
         if not Path(cfg.repository).is_dir():
             raise TritonLaunchError(f"{cfg.repository}: no such model repository")
-        self.workdir = Path(cfg.workdir) if cfg.workdir else Path(tempfile.mkdtemp(prefix="tritonserver-"))
+        reaper.reap()
+        self.workdir = Path(cfg.workdir) if cfg.workdir else reaper.new_workdir()
         backends = _prepare_backends(install, self.workdir)
+        # The server's and its stubs' temporary files (torch makes $TMPDIR/torchinductor_<user> at import) go in
+        # the work directory too, so whatever removes it (stop, or the reaper after a kill) removes them.
+        env = {**environment(install), "TMPDIR": str(_private_tmp(self.workdir))}
         self.grpc_port, self.http_port, self.metrics_port = (p or _free_port(cfg.host) for p in
                                                               (cfg.grpc_port, cfg.http_port, cfg.metrics_port))
         # Unique per server: the python backend names its segments <prefix><uuid>, so leftovers are attributable.
-        self.shm_prefix = f"safeguard_{os.getpid()}_{secrets.token_hex(4)}_"
+        self.shm_prefix = reaper.new_shm_prefix()
         command = [
             str(install.binary),
             f"--model-repository={Path(cfg.repository).resolve()}",
@@ -129,7 +132,7 @@ class TritonServer:
         try:
             with self.log_path.open("wb") as log:
                 self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log,
-                                                stderr=subprocess.STDOUT, env=environment(install),
+                                                stderr=subprocess.STDOUT, env=env,
                                                 cwd=self.workdir, start_new_session=True,
                                                 preexec_fn=die_with_parent)
             self.wait_ready(timeout)
@@ -241,6 +244,12 @@ def _prepare_backends(install: TritonInstall, workdir: Path) -> Path:
     shutil.copytree(install.root / "backends", backends, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy2(install.stub, backends / "python" / STUB_NAME)
     return backends
+
+
+def _private_tmp(workdir: Path) -> Path:
+    tmp = workdir / "tmp"
+    tmp.mkdir(mode=0o700, exist_ok=True)
+    return tmp
 
 
 def _free_port(host: str) -> int:
