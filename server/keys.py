@@ -30,7 +30,7 @@ from pathlib import Path
 from classification.errors import ApplianceError
 from server.errors import Unauthenticated, Unavailable
 from server.identity import SCOPES, Identity
-from server.sqlite_wal import enable_wal
+from server.sqlite_wal import enable_wal, make_private
 
 KEYS_DB_NAME = "keys.sqlite3"
 KEY_PREFIX = "sgk_"
@@ -120,7 +120,7 @@ class KeyStore:
         self.path = Path(path)
         self.busy_timeout_s = busy_timeout_s
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            make_private(self.path)  # secrets' hashes: the service user's alone
             with self._connect() as conn:
                 if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
                     enable_wal(conn, busy_timeout_s)

@@ -18,10 +18,11 @@ from appliance.cli import main
 from classification.library import bundled_policy, library_dir
 from server import servicer
 from server.audit_file import AUDIT_DB_NAME
+from server.keys import KEYS_DB_NAME
 from server.registry import DB_NAME
 from server.settings import ServerSettings
 
-DATABASES = (DB_NAME, AUDIT_DB_NAME)
+DATABASES = (DB_NAME, AUDIT_DB_NAME, KEYS_DB_NAME)
 
 
 def mode(path: Path) -> int:
@@ -56,6 +57,17 @@ def test_the_cli_creates_a_private_state_directory(tmp_path: Path):
     try:
         appliance("policy", "--state-dir", str(state), "add", str(bundled_policy("smoke")), "--activate")
         assert_private(state, DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm")
+    finally:
+        conn.close()
+
+
+def test_the_key_store_is_private(tmp_path: Path):
+    state = tmp_path / "fresh" / "state"
+    appliance("keys", "--state-dir", str(state), "create", "--tenant", "acme", "--scope", "classify")
+    conn = hold_wal_open(state / KEYS_DB_NAME)
+    try:
+        appliance("keys", "--state-dir", str(state), "list")
+        assert_private(state, KEYS_DB_NAME, f"{KEYS_DB_NAME}-wal", f"{KEYS_DB_NAME}-shm")
     finally:
         conn.close()
 
