@@ -84,10 +84,17 @@ def test_the_checks_catch_a_lost_record_and_a_lost_version(tmp_path: Path):
     assert any("acknowledged versions lost" in p for p in crash_trials.check_registry(state, promises))
 
 
-def test_a_record_whose_fsync_returned_must_be_there_in_the_default_mode(tmp_path: Path):
+def test_default_mode_checks_catch_a_lost_durable_record_and_an_out_of_order_loss(tmp_path: Path):
     state, trial, answers, kill_ns, _ = _one_killed_trial(tmp_path, wait=False)
     result = crash_trials.check_audit(state, trial, answers, kill_ns, False, 0)
     assert result.problems == []
-    answers.decided[f"t{trial}-c0-999999"] = answers.durable[f"t{trial}-c0-999999"] = kill_ns
+    fake = f"t{trial}-c0-999999"
+    answers.decided[fake] = answers.durable[fake] = kill_ns
     result = crash_trials.check_audit(state, trial, answers, kill_ns, False, 0)
     assert any("whose fsync had returned are missing" in p for p in result.problems)
+
+    # A lost record answered before the ones that were kept: the writer never commits out of order.
+    del answers.decided[fake], answers.durable[fake]
+    answers.decided = {fake: kill_ns, **answers.decided}
+    result = crash_trials.check_audit(state, trial, answers, kill_ns, False, 0)
+    assert any("survived although one submitted before it was lost" in p for p in result.problems)
