@@ -41,6 +41,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,6 +71,13 @@ def _say(line: str) -> None:
     os.write(1, f"{line}\n".encode())
 
 
+def _on_durable(request_id: str) -> Callable[[Future[int]], None]:
+    def settled(future: Future[int]) -> None:  # runs on the audit writer thread, right after the fsync
+        if future.exception() is None:
+            _say(f"DUR {request_id} {time.monotonic_ns()}")
+    return settled
+
+
 async def _client(audit: AuditLog, wait: bool, trial: int, client: int, rng: random.Random, model_s: float) -> None:
     for i in itertools.count():
         await asyncio.sleep(rng.uniform(0.0, model_s))
@@ -81,8 +89,7 @@ async def _client(audit: AuditLog, wait: bool, trial: int, client: int, rng: ran
         if wait:
             await asyncio.wrap_future(future)
         else:
-            future.add_done_callback(
-                lambda f, rid=request_id: f.exception() is None and _say(f"DUR {rid} {time.monotonic_ns()}"))
+            future.add_done_callback(_on_durable(request_id))
         _say(f"DEC {request_id} {time.monotonic_ns()} {submitted}")
 
 
