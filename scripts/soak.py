@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import math
 import os
 import signal
 import socket
@@ -62,6 +63,7 @@ MIX = (0.7, 0.2, 0.1)  # share of calls per kind
 BATCH_ITEMS = 3
 DEADLINE_S = 30.0
 READY_TIMEOUT_S = 300.0
+TIMELINE_S = 60.0
 SUBJECTS = ("apples", "the weather", "a parcel", "train times", "a recipe", "the meeting", "a new phone")
 
 
@@ -165,6 +167,14 @@ class Tally:
     errors: Counter[str] = field(default_factory=Counter)
     prompts: int = 0  # answered prompts (a batch's items count one each)
     most_in_flight: int = 0  # calls outstanding at once, at the peak
+    # Per window of the soak (TIMELINE_S from its start), so a burst of errors or growth can be told from a trend.
+    started: float = field(default_factory=time.monotonic)
+    answered_by_window: Counter[int] = field(default_factory=Counter)
+    errors_by_window: Counter[int] = field(default_factory=Counter)
+    peak_by_window: Counter[int] = field(default_factory=Counter)
+
+    def window(self) -> int:
+        return int((time.monotonic() - self.started) // TIMELINE_S)
 
 
 def _content(i: int) -> pb.Content:
@@ -206,11 +216,14 @@ async def _timed(tally: Tally, kind: str, call: Callable[[], Awaitable[None]], p
         await call()
     except grpc.aio.AioRpcError as exc:
         tally.errors[f"{kind} {exc.code().name}"] += 1
+        tally.errors_by_window[tally.window()] += 1
     except (BatchItemError, RuntimeError) as exc:
         tally.errors[f"{kind} {exc}"] += 1
+        tally.errors_by_window[tally.window()] += 1
     else:
         tally.latencies_ms[kind].append((time.perf_counter() - started) * 1000)
         tally.prompts += prompts
+        tally.answered_by_window[tally.window()] += prompts
 
 
 async def measure_capacity(stub: pb_grpc.SafeguardStub, clients: int, seconds: float) -> tuple[float, Tally]:
@@ -245,6 +258,8 @@ async def open_loop(stub: pb_grpc.SafeguardStub, rate: float, seconds: float, ki
         tasks.add(task)
         task.add_done_callback(tasks.discard)
         tally.most_in_flight = max(tally.most_in_flight, len(tasks))
+        window = tally.window()
+        tally.peak_by_window[window] = max(tally.peak_by_window[window], len(tasks))
         offered += prompts
         next_at += prompts / rate
         i += 1
@@ -296,7 +311,21 @@ def report(capacity: float, clients: int, capacity_s: float, load: float, tally:
                      f"p99 {_percentile(values, 0.99):.1f} ms")
     lines.append(f"resident memory (RSS, {len(samples)} samples; growth from the sample after the "
                  f"{warmup_s:g} s warm-up to the end):")
-    return "\n".join(lines + _rss_table(samples, warmup_s))
+    return "\n".join(lines + _rss_table(samples, warmup_s) + _timeline(tally, elapsed, samples))
+
+
+def _timeline(tally: Tally, elapsed: float, samples: list[tuple[float, dict[str, int]]]) -> list[str]:
+    windows = range(max(1, math.ceil(elapsed / TIMELINE_S)))
+    last = [next((rss for t, rss in reversed(samples) if t < (w + 1) * TIMELINE_S), samples[0][1]) for w in windows]
+    lines = [f"timeline, per {TIMELINE_S:g} s window of the soak:",
+             "  answered prompts/s: " + " ".join(
+                 f"{tally.answered_by_window[w] / max(1e-9, min(TIMELINE_S, elapsed - w * TIMELINE_S)):.0f}"
+                 for w in windows),
+             "  errors: " + " ".join(str(tally.errors_by_window[w]) for w in windows),
+             "  most calls in flight: " + " ".join(str(tally.peak_by_window[w]) for w in windows)]
+    lines += [f"  RSS MiB at the window's end, {name}: " + " ".join(_mib(rss.get(name)) for rss in last)
+              for name in samples[-1][1]]
+    return lines
 
 
 # -- the run ----------------------------------------------------------------------------------------------------------
