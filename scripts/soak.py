@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import math
 import os
 import signal
 import socket
@@ -315,11 +314,17 @@ def report(capacity: float, clients: int, capacity_s: float, load: float, tally:
 
 
 def _timeline(tally: Tally, elapsed: float, samples: list[tuple[float, dict[str, int]]]) -> list[str]:
-    windows = range(max(1, math.ceil(elapsed / TIMELINE_S)))
+    windows = range(max(1, round(elapsed / TIMELINE_S)))
+    last_window = windows[-1]
+    # The answers that come in after the soak's end, while the last calls drain, count in its last window.
+    for counts, combine in ((tally.answered_by_window, sum), (tally.errors_by_window, sum),
+                            (tally.peak_by_window, max)):
+        for late in [w for w in counts if w > last_window]:
+            counts[last_window] = combine((counts[last_window], counts.pop(late)))
     last = [next((rss for t, rss in reversed(samples) if t < (w + 1) * TIMELINE_S), samples[0][1]) for w in windows]
     lines = [f"timeline, per {TIMELINE_S:g} s window of the soak:",
              "  answered prompts/s: " + " ".join(
-                 f"{tally.answered_by_window[w] / max(1e-9, min(TIMELINE_S, elapsed - w * TIMELINE_S)):.0f}"
+                 f"{tally.answered_by_window[w] / (TIMELINE_S if w < last_window else elapsed - w * TIMELINE_S):.0f}"
                  for w in windows),
              "  errors: " + " ".join(str(tally.errors_by_window[w]) for w in windows),
              "  most calls in flight: " + " ".join(str(tally.peak_by_window[w]) for w in windows)]
