@@ -2,9 +2,8 @@
 
 A request is read top-down from here: the servicer turns protos into the core's types (`server.jobs`), the
 classifier (`server.classifier`) resolves the policy, renders, routes and streams from Triton, and the servicer
-turns the result back into protos. Errors travel as `errors.ServiceError`; `StatusInterceptor` maps them to gRPC
-status codes (with a `retry-after-ms` trailer when there is a hint), and turns anything unexpected into INTERNAL
-naming the request id, so a client never sees a traceback and the log has it.
+turns the result back into protos. Errors travel as `errors.ServiceError`; `server.status.StatusInterceptor` maps
+them to gRPC status codes, and anything unexpected to INTERNAL, so a client never sees a traceback.
 
 Health (`grpc.health.v1`): the services "" and "safeguard.v1.Safeguard" are NOT_SERVING until the classifier is
 ready (Triton answers, active policies are warm) and follow it from then on; "liveness" is SERVING as long as the
@@ -25,13 +24,11 @@ import asyncio
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
 
 import grpc
-from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -55,14 +52,12 @@ from server.registry import Registry
 from server.request_ids import RequestIds, check_request_id
 from server.settings import ServerSettings, ServerSettingsError
 from server.state import keys_path
+from server.status import StatusInterceptor, capped
 
 log = logging.getLogger("safeguard.servicer")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Safeguard"].full_name
 LIVENESS_SERVICE = "liveness"
-RETRY_AFTER_KEY = "retry-after-ms"
-MAX_MESSAGE_BYTES = 2000
-_SERVER_FAULTS = frozenset({"INTERNAL", "UNAVAILABLE", "UNKNOWN", "DATA_LOSS"})
 _EFFORTS = {pb.REASONING_EFFORT_LOW: "low", pb.REASONING_EFFORT_MEDIUM: "medium", pb.REASONING_EFFORT_HIGH: "high"}
 _PARSE_STATUS = {OK: pb.PARSE_STATUS_OK, MALFORMED: pb.PARSE_STATUS_MALFORMED,
                  MISSING_FINAL: pb.PARSE_STATUS_MISSING_FINAL, TRUNCATED: pb.PARSE_STATUS_TRUNCATED,
@@ -137,7 +132,7 @@ def batch_result_proto(o: BatchOutcome) -> pb.BatchResult:
         return pb.BatchResult(item_id=o.item_id, policy_ref=o.policy_ref, result=response_proto(o.result))
     error = o.error or ServiceError("no result")
     return pb.BatchResult(item_id=o.item_id, policy_ref=o.policy_ref,
-                          error=pb.ItemError(code=error.code, message=_capped(error.message)))
+                          error=pb.ItemError(code=error.code, message=capped(error.message)))
 
 
 # -- the service ----------------------------------------------------------------------------------------------
@@ -214,125 +209,6 @@ def _batch_item(index: int, item: pb.BatchItem, shared: list[Selector]) -> tuple
     except ServiceError as exc:
         content = exc
     return item.item_id or str(index), content, [selector_of(s) for s in item.policies] or shared
-
-
-# -- errors to status codes ---------------------------------------------------------------------------------------
-
-class StatusInterceptor(grpc.aio.ServerInterceptor):
-    """Maps exceptions from the handlers to gRPC statuses and logs each RPC's outcome with its request id."""
-
-    def __init__(self) -> None:
-        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
-
-    async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails],
-                                                             Awaitable[grpc.RpcMethodHandler]],
-                                details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
-        found = self._wrapped.get(details.method)
-        if found is not None:
-            return found
-        handler = await continuation(details)
-        if handler is None:
-            return handler
-        if handler.unary_unary is not None:
-            wrapped = grpc.unary_unary_rpc_method_handler(
-                _guard_unary(handler.unary_unary, details.method), _lenient(handler.request_deserializer),
-                handler.response_serializer)
-        elif handler.unary_stream is not None:
-            wrapped = grpc.unary_stream_rpc_method_handler(
-                _guard_stream(handler.unary_stream, details.method), _lenient(handler.request_deserializer),
-                handler.response_serializer)
-        else:
-            wrapped = handler  # reflection's bidirectional stream: nothing of ours can raise in it
-        self._wrapped[details.method] = wrapped
-        return wrapped
-
-
-@dataclass(frozen=True)
-class _Undecodable:
-    """Request bytes that do not parse as the method's message: the guard refuses them as the caller's mistake
-    (left to gRPC, they answer UNKNOWN and log a traceback)."""
-
-    reason: str
-
-
-def _lenient(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
-    if deserialize is None:
-        return None
-
-    def read(raw: bytes) -> Any:
-        try:
-            return deserialize(raw)
-        except DecodeError as exc:
-            return _Undecodable(str(exc))
-
-    return read
-
-
-def _check_decoded(request: Any, method: str) -> None:
-    if isinstance(request, _Undecodable):
-        raise InvalidArgument(f"the request is not a valid {method.rpartition('/')[2]} message: {request.reason}")
-
-
-def _guard_unary(behavior: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Awaitable[Any]]:
-    async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        started = time.perf_counter()
-        try:
-            _check_decoded(request, method)
-            response = await behavior(request, context)
-        except Exception as exc:
-            await _fail(context, exc, method, started)
-        _done(method, "OK", started)
-        return response
-
-    return guarded
-
-
-def _guard_stream(behavior: Callable[..., AsyncIterator[Any]], method: str) -> Callable[..., AsyncIterator[Any]]:
-    async def guarded(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        started = time.perf_counter()
-        try:
-            _check_decoded(request, method)
-            async for response in behavior(request, context):
-                yield response
-        except Exception as exc:
-            await _fail(context, exc, method, started)
-        _done(method, "OK", started)
-
-    return guarded
-
-
-async def _fail(context: grpc.aio.ServicerContext, exc: Exception, method: str, started: float) -> NoReturn:
-    """Abort the RPC with the status `exc` stands for (re-raising an abort already under way)."""
-    if isinstance(exc, grpc.aio.AbortError):
-        raise exc
-    if isinstance(exc, ServiceError):
-        code, message = grpc.StatusCode[exc.code], _capped(exc.message)
-        trailers = () if exc.retry_after_ms is None else ((RETRY_AFTER_KEY, str(exc.retry_after_ms)),)
-        _done(method, exc.code, started, error=message)
-    else:
-        request_id = slog.request_id_var.get() or "unknown"
-        log.exception("unexpected error", extra={"fields": {"method": method}})
-        code, trailers = grpc.StatusCode.INTERNAL, ()
-        message = f"internal error; the server log has the details under request id {request_id}"
-        _done(method, "INTERNAL", started, error=message)
-    await context.abort(code, message, trailers)
-
-
-def _capped(message: str) -> str:
-    """A message that fits gRPC's metadata limits (8 KiB soft, 16 KiB hard, after percent-encoding): one that quotes
-    a long request string whole would otherwise reach the client as RESOURCE_EXHAUSTED "Stream removed"."""
-    raw = message.encode()
-    if len(raw) <= MAX_MESSAGE_BYTES:  # percent-encoding at most triples them
-        return message
-    return f"{raw[:MAX_MESSAGE_BYTES].decode(errors='ignore')}... ({len(message):,} characters in all)"
-
-
-def _done(method: str, code: str, started: float, error: str = "") -> None:
-    # Successes only at debug: the audit log already holds every decision, and a line per RPC costs latency.
-    # The server's own failures are warnings; a client's mistakes are info.
-    level = logging.DEBUG if code == "OK" else logging.WARNING if code in _SERVER_FAULTS else logging.INFO
-    slog.event(log, level, "rpc", method=method, code=code, ms=round((time.perf_counter() - started) * 1000, 3),
-               **({"error": error} if error else {}))
 
 
 # -- assembly and lifecycle ---------------------------------------------------------------------------------------
