@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import re
@@ -32,6 +31,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks.frontend_process import serve_json, wait_serving
 from build_scripts.repository import write_canned_repository
 from classification.library import bundled_policy
 from engine.executors.canned import SAFE_ANALYSIS, SAFE_FINAL, Script, harmony_completion
@@ -179,28 +179,9 @@ def main() -> None:
     parser.add_argument("--serve", help=argparse.SUPPRESS)  # internal: run a front end with these settings
     args = parser.parse_args()
     if args.serve:
-        from server.servicer import serve
-        from server.settings import ServerSettings
-
-        asyncio.run(serve(ServerSettings.from_mapping(json.loads(args.serve))))
+        serve_json(args.serve)
         return
     asyncio.run(_run(args))
-
-
-async def _wait_serving(address: str, process: subprocess.Popen, timeout: float = 60.0) -> None:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    deadline = time.monotonic() + timeout
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline and process.poll() is None:
-            with contextlib.suppress(grpc.aio.AioRpcError):
-                reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            await asyncio.sleep(0.1)
-    raise RuntimeError(f"the front end at {address} did not become ready")
 
 
 async def _run(args: argparse.Namespace) -> None:
@@ -231,7 +212,7 @@ async def _run(args: argparse.Namespace) -> None:
                 process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                            cwd=Path(__file__).resolve().parents[1])
             try:
-                await _wait_serving(f"127.0.0.1:{port}", process)
+                await wait_serving(f"127.0.0.1:{port}", process)
                 phases = await _measure(f"127.0.0.1:{port}", args, smoke.text)
                 warmups = _scrape_warmups(metrics_port)
             except RuntimeError:

@@ -36,6 +36,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchmarks.frontend_process import serve_json, wait_serving
 from build_scripts.repository import write_canned_repository
 from classification.library import bundled_policy
 from engine.executors.canned import SAFE_ANALYSIS, SAFE_FINAL, Script, harmony_completion
@@ -167,22 +168,6 @@ def _start_frontend(settings: dict, log_path: Path) -> subprocess.Popen:
         return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1])
 
 
-async def _wait_serving(address: str, timeout: float = 60.0) -> None:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    deadline = time.monotonic() + timeout
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            with contextlib.suppress(grpc.aio.AioRpcError):
-                reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            await asyncio.sleep(0.1)
-    raise RuntimeError(f"the front end at {address} did not become ready in {timeout:.0f} s")
-
-
 def _report(results: dict[int, dict[str, PathResult]], args: argparse.Namespace) -> None:
     print(f"canned completion streamed in {args.chunk}-token responses, {args.response_delay_ms:g} ms apart; "
           f"{args.requests} requests per path and "
@@ -221,10 +206,7 @@ def main() -> None:
     parser.add_argument("--serve", help=argparse.SUPPRESS)  # internal: run a front end with these settings
     args = parser.parse_args()
     if args.serve:
-        from server.servicer import serve
-        from server.settings import ServerSettings
-
-        asyncio.run(serve(ServerSettings.from_mapping(json.loads(args.serve))))
+        serve_json(args.serve)
         return
     asyncio.run(_run(args))
 
@@ -255,7 +237,7 @@ async def _run(args: argparse.Namespace) -> None:
                         "audit_wait": False, "log_level": "warning", "max_output_tokens": args.max_tokens}
             process = _start_frontend(settings, root / "frontend.log")
             try:
-                await _wait_serving(f"127.0.0.1:{port}")
+                await wait_serving(f"127.0.0.1:{port}")
                 results = await _measure(triton.grpc_url, f"127.0.0.1:{port}", process.pid, fingerprint, MODEL_NAME,
                                          args)
             except RuntimeError:

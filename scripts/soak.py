@@ -46,8 +46,8 @@ if str(REPO) not in sys.path:  # run as a file (`python scripts/soak.py`), not a
     sys.path.insert(0, str(REPO))
 
 import grpc  # noqa: E402
-from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
+from benchmarks.frontend_process import wait_serving  # noqa: E402
 from build_scripts.repository import write_canned_repository  # noqa: E402
 from classification.library import bundled_policy  # noqa: E402
 from classification.policy import load_policy  # noqa: E402
@@ -101,21 +101,6 @@ def stop_appliance(process: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-
-
-async def wait_serving(address: str, process: subprocess.Popen, log_path: Path) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    async with grpc.aio.insecure_channel(address) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"appliance serve exited {process.returncode}: {log_path.read_text()[-3000:]}")
-            with contextlib.suppress(grpc.aio.AioRpcError):
-                reply = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            await asyncio.sleep(0.2)
-    raise RuntimeError(f"the appliance did not become ready in {READY_TIMEOUT_S:.0f} s")
 
 
 # -- resident memory --------------------------------------------------------------------------------------------------
@@ -378,7 +363,7 @@ def main() -> int:
         port, log_path = _free_port(), root / "appliance.log"
         process = start_appliance(root, port, log_path, args.max_in_flight)
         try:
-            asyncio.run(wait_serving(f"127.0.0.1:{port}", process, log_path))
+            asyncio.run(wait_serving(f"127.0.0.1:{port}", process, log_path, READY_TIMEOUT_S))
             text, clean = asyncio.run(soak(args, f"127.0.0.1:{port}", process.pid))
         finally:
             stop_appliance(process)

@@ -19,10 +19,13 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.registry import DB_NAME, Registry
+from test_crash_trials import crash_trials
+
+from server.registry import DB_NAME
+
+RegistryPromises, check_registry = crash_trials.RegistryPromises, crash_trials.check_registry
 
 REPO = Path(__file__).resolve().parents[1]
 TRIALS = 60
@@ -65,47 +68,25 @@ for i in range(1_000_000):
 '''
 
 
-@dataclass
-class Promises:
-    """What acknowledged calls promised, plus the one call that may have been cut off mid-way."""
-
-    shas: set[str] = field(default_factory=set)
-    active: dict[str, str] = field(default_factory=dict)
-    pending: tuple[str, str] | None = None  # (policy, candidate) of a TRY without its ACK
-    acks: int = 0
-
-    def record(self, line: str) -> None:
-        kind, *words = line.split()
-        if kind == "TRY":
-            self.pending = (words[0], words[1])
-        elif kind == "ACK":
-            policy_id, added, active = words
-            if added != "-":
-                self.shas.add(added)
-            if active != "-":
-                self.active[policy_id] = active
-            self.pending = None
-            self.acks += 1
-
-
 def _pump(stream, lines: queue.Queue[str | None]) -> None:
     for line in stream:
         lines.put(line)
     lines.put(None)
 
 
-def _consume(promises: Promises, lines: queue.Queue[str | None], until_acks: int, deadline: float) -> bool:
+def _consume(promises: RegistryPromises, lines: queue.Queue[str | None], until_acks: int, deadline: float) -> bool:
     """Record lines until `until_acks` acknowledgements in all; False if the writer's output ended first."""
     while promises.acks < until_acks:
         line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
         if line is None:
             return False
-        if line.endswith("\n"):  # a line cut short by the kill promised nothing
-            promises.record(line)
+        kind, *words = line.split()
+        if line.endswith("\n") and kind in ("TRY", "ACK"):  # a line cut short by the kill promised nothing
+            promises.record(kind, words)
     return True
 
 
-def _run_trial(state_dir: Path, trial: int, rng: random.Random, promises: Promises, stderr_path: Path) -> None:
+def _run_trial(state_dir: Path, trial: int, rng: random.Random, promises: RegistryPromises, stderr_path: Path) -> None:
     with stderr_path.open("w") as stderr:
         writer = subprocess.Popen([sys.executable, "-c", WRITER, str(state_dir), str(trial)], cwd=REPO,
                                   env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
@@ -133,34 +114,19 @@ def _run_trial(state_dir: Path, trial: int, rng: random.Random, promises: Promis
     _consume(promises, lines, sys.maxsize, time.monotonic() + 5)
 
 
-def _verify(state_dir: Path, promises: Promises, trial: int) -> None:
+def _verify(state_dir: Path, promises: RegistryPromises, trial: int) -> None:
     conn = sqlite3.connect(state_dir / DB_NAME)
     try:
         assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)], f"trial {trial}"
     finally:
         conn.close()
-    registry = Registry(state_dir)
-    assert registry.check() == [], f"trial {trial}"
-    histories = {s.policy_id: registry.history(s.policy_id) for s in registry.list()}
-    stored = {v.sha256 for h in histories.values() for v in h.versions}
-    assert promises.shas <= stored, f"trial {trial}: acknowledged versions lost: {promises.shas - stored}"
-    for history in histories.values():
-        assert [v.seq for v in history.versions] == list(range(1, len(history.versions) + 1)), f"trial {trial}"
-    for policy_id, promised in promises.active.items():
-        actual = histories[policy_id].active
-        assert actual is not None, f"trial {trial}: {policy_id} lost its active version"
-        if promises.pending is not None and promises.pending[0] == policy_id:
-            # The cut-off call may or may not have committed: either outcome is correct, nothing else is.
-            assert promises.pending[1] == "?" or actual.sha256 in (promised, promises.pending[1]), f"trial {trial}"
-            promises.active[policy_id] = actual.sha256
-        else:
-            assert actual.sha256 == promised, f"trial {trial}: {policy_id} active version changed"
-    promises.pending = None
+    # The same promises the long crash trials hold the registry to (scripts/crash_trials.py).
+    assert check_registry(state_dir, promises) == [], f"trial {trial}"
 
 
 def test_acknowledged_writes_survive_sigkill(tmp_path: Path):
     rng = random.Random(SEED)
-    promises = Promises()
+    promises = RegistryPromises()
     state_dir = tmp_path / "state"
     for trial in range(TRIALS):
         _run_trial(state_dir, trial, rng, promises, tmp_path / "writer.stderr")
