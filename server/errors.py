@@ -27,6 +27,10 @@ class NotFound(ServiceError):
     code = "NOT_FOUND"
 
 
+class AlreadyExists(ServiceError):
+    code = "ALREADY_EXISTS"
+
+
 class FailedPrecondition(ServiceError):
     code = "FAILED_PRECONDITION"
 

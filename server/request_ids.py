@@ -19,16 +19,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from server import log as slog
-from server.errors import InvalidArgument, ServiceError
+from server.errors import AlreadyExists, InvalidArgument
 from server.identity import current_identity
 
 MAX_LENGTH = 128
 CHARSET = "letters, digits, '.', '_', ':' and '-'"
 _PATTERN = re.compile(r"[A-Za-z0-9._:-]+")
-
-
-class AlreadyExists(ServiceError):
-    code = "ALREADY_EXISTS"
 
 
 def check_request_id(given: str, field: str = "request_id") -> None:

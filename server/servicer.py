@@ -138,9 +138,9 @@ def batch_result_proto(o: BatchOutcome) -> pb.BatchResult:
 # -- the service ----------------------------------------------------------------------------------------------
 
 class SafeguardServicer(pb_grpc.SafeguardServicer):
-    def __init__(self, classifier: Classifier, *, serves_changes: bool = True):
+    def __init__(self, classifier: Classifier, request_ids: RequestIds, *, serves_changes: bool = True):
         self.classifier = classifier
-        self.request_ids = RequestIds()  # server/request_ids.py: the id rules, duplicates refused while in flight
+        self.request_ids = request_ids  # shared by both listeners: an id in flight on one is in use on the other
         self.serves_changes = serves_changes  # False on the main listener when admin_listen is set
 
     def _changer(self) -> Identity:
@@ -284,8 +284,9 @@ def build_server(settings: ServerSettings) -> Frontend:
         audit.close()
         raise
     health_servicer = health.aio.HealthServicer()
-    server = _grpc_server(SafeguardServicer(classifier, serves_changes=not settings.admin_listen), health_servicer,
-                          authentication)
+    request_ids = RequestIds()
+    server = _grpc_server(SafeguardServicer(classifier, request_ids, serves_changes=not settings.admin_listen),
+                          health_servicer, authentication)
     try:
         port = (server.add_insecure_port(settings.listen) if certificates is None
                 else server.add_secure_port(settings.listen, tls.server_credentials(certificates)))
@@ -295,7 +296,7 @@ def build_server(settings: ServerSettings) -> Frontend:
                                   "available on this host") from None
     admin_server, admin_port = None, None
     if settings.admin_listen:
-        admin_server = _grpc_server(SafeguardServicer(classifier), health_servicer, authentication)
+        admin_server = _grpc_server(SafeguardServicer(classifier, request_ids), health_servicer, authentication)
         try:
             admin_port = (admin_server.add_insecure_port(settings.admin_listen) if certificates is None
                           else admin_server.add_secure_port(settings.admin_listen,
