@@ -1,7 +1,8 @@
 """Engine settings: the file `appliance build` writes next to the Triton model, and the executor reads at load.
 
 One JSON document (`engine.json`) says which executor runs which checkpoint, and how. The TensorRT-LLM executor
-adds its `LLM()` arguments under `trtllm`; the reference executor uses the fields below; the canned executor (scripted
+adds its `LLM()` arguments under `trtllm`, the vLLM executor its engine arguments under `vllm`; the reference executor
+uses the fields below; the canned executor (scripted
 answers, no checkpoint: `engine.executors.canned`) takes its scripts under `canned`.
 """
 
@@ -15,7 +16,7 @@ from typing import Any
 from classification.errors import ApplianceError
 
 SETTINGS_FILE = "engine.json"
-EXECUTORS = ("reference", "trtllm", "canned")
+EXECUTORS = ("reference", "trtllm", "vllm", "canned")
 
 
 class SettingsError(ApplianceError):
@@ -24,7 +25,7 @@ class SettingsError(ApplianceError):
 
 @dataclass(frozen=True)
 class EngineSettings:
-    executor: str  # "reference" | "trtllm" | "canned"
+    executor: str  # "reference" | "trtllm" | "vllm" | "canned"
     model_dir: str  # checkpoint directory, absolute ("" for the canned executor)
     model_fingerprint: str  # sha256 over the checkpoint manifest: names the model in cache keys and audit records
     device: str = "cpu"  # reference: "cpu" or "cuda"
@@ -33,6 +34,7 @@ class EngineSettings:
     max_context: int = 8192  # prompt plus generated tokens
     prefix_cache_bytes: int = 512 << 20  # budget of the reference executor's prefix KV store
     trtllm: dict[str, Any] = field(default_factory=dict)  # LLM() keyword arguments, for the trtllm executor
+    vllm: dict[str, Any] = field(default_factory=dict)  # vLLM engine arguments (AsyncEngineArgs), for the vllm executor
     canned: dict[str, Any] = field(default_factory=dict)  # scripts (and log_dir), for the canned executor
 
     def __post_init__(self) -> None:

@@ -112,6 +112,11 @@ class Executor(abc.ABC):
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release the model; requests still running are cancelled."""
 
+    def engine_info(self) -> dict[str, object]:
+        """What the engine chose or found at load, for selftest reports and build manifests (engine version, MoE
+        backend and why, KV cache layout); JSON-ready. Empty for executors that choose nothing."""
+        return {}
+
 
 class Cancellable(Protocol):
     def cancel(self) -> None:
