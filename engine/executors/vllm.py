@@ -143,7 +143,9 @@ class VllmExecutor(BookedExecutor):
 
     async def close(self) -> None:
         if self._book.close():
-            await asyncio.to_thread(self._engine.shutdown)
+            # On this loop, as vLLM's own server does: the engine client is never used from two threads at once, and
+            # the cancelled streams' aborts, which run after it, meet a stopped engine and end at once.
+            self._engine.shutdown()
 
     def validate(self, request: GenerationRequest) -> None:
         super().validate(request)
@@ -201,7 +203,7 @@ class VllmExecutor(BookedExecutor):
             while True:
                 stream.step = asyncio.ensure_future(anext(stream.outputs))
                 await asyncio.wait((stream.step, cancel_wait), return_when=asyncio.FIRST_COMPLETED)
-                if not stream.step.done():
+                if stream.cancelled.is_set() or not stream.step.done():  # a cancel wins over what arrived with it
                     await self._stop(stream)
                     yield self._chunk(tally, first, finish="cancelled")
                     return
@@ -254,9 +256,13 @@ class VllmExecutor(BookedExecutor):
     async def _stop(self, stream: _Stream) -> None:
         """Stop vLLM decoding a stream nobody reads any more; the stream is left finished."""
         try:
-            if stream.step is not None and not stream.step.done():
-                stream.step.cancel()  # generate() aborts its own request when its pending read is cancelled
-                await asyncio.wait((stream.step,))
+            step = stream.step
+            if step is not None:
+                if not step.done():
+                    step.cancel()  # generate() aborts its own request when its pending read is cancelled
+                    await asyncio.wait((step,))
+                if not step.cancelled():
+                    step.exception()  # retrieved: what generate() raised on the way out is of no interest
             await stream.outputs.aclose()
             await self._engine.abort(stream.engine_id)  # a request still being admitted, or left running
         except Exception as exc:  # an engine that is shutting down has nothing left to stop

@@ -201,6 +201,8 @@ class AsyncLLM:
                 yield output
         except (asyncio.CancelledError, GeneratorExit):
             self._abort_one(request, internal=True)
+            if self._dead:
+                raise EngineDeadError("EngineCore encountered an issue.") from None
             raise
 
     async def abort(self, request_id: str | Iterable[str], internal: bool = False) -> None:
@@ -208,15 +210,19 @@ class AsyncLLM:
             self.abort_calls.append(rid)
             for request in self._running.pop(rid, []):
                 self._abort_one(request, internal=False)
+        if self._dead:  # the output processor answered; sending the abort to a stopped engine core fails
+            raise EngineDeadError("EngineCore encountered an issue.")
         await asyncio.sleep(0)  # the abort is sent to the engine core
 
     def shutdown(self, timeout: float | None = None) -> None:
+        """Stops the engine core; every stream still waiting then fails with EngineDeadError. Call on the loop."""
         self.shutdown_calls += 1
         self._dead = True
         for requests in list(self._running.values()):
             for request in requests:
                 if request.task is not None:
-                    request.task.get_loop().call_soon_threadsafe(request.task.cancel)
+                    request.task.cancel()
+                request.collector.put(EngineDeadError("EngineCore encountered an issue."))
         self._running.clear()
 
     # -- the fake engine ------------------------------------------------------------------------------------------
