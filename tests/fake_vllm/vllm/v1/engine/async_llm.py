@@ -155,8 +155,8 @@ class AsyncLLM:
                         engine_args.kv_cache_dtype, engine_args.gpu_memory_utilization, FAKE_NUM_GPU_BLOCKS),
             AttentionConfig(engine_args.attention_backend),
         )
-        self.step_s = 0.001  # fake-only: the time one engine step takes
-        self.first_token_s = 0.001  # fake-only: the prefill step
+        self.step_s = 0.01  # fake-only: the time one engine step takes
+        self.first_token_s = 0.01  # fake-only: the prefill step
         self.requests: list[FakeRequest] = []
         self.abort_calls: list[str] = []
         self.shutdown_calls = 0
