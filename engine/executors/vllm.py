@@ -26,8 +26,8 @@ How a `GenerationRequest` maps onto vLLM:
 
 `AsyncLLM` may be built outside any event loop (vLLM starts its output handler on the first `generate`), but from
 then on belongs to the loop that first streamed: all streams must be read on that one loop (the Triton model runs
-one in a background thread). `cancel()` and `stats()` are thread-safe. Building the executor starts vLLM's engine
-core process, loads the model and blocks until it is ready.
+one in a background thread). `cancel()` and `stats()` are thread-safe; `close()` runs on that loop too. Building the
+executor starts vLLM's engine core process, loads the model and blocks until it is ready.
 """
 
 from __future__ import annotations
