@@ -482,3 +482,15 @@ def test_the_profile_keys_are_verified_and_others_reported():
     assert unverified_vllm_args(PROFILE) == []
     kwargs = {**PROFILE, "pipeline_parallel_size": 2, "kv_cache_dtype": "nvfp4", "swap_space": 4}
     assert unverified_vllm_args(kwargs) == ["pipeline_parallel_size", "swap_space", "kv_cache_dtype=nvfp4"]
+
+
+def test_the_pin_is_one_version_everywhere(fake):
+    """The gpu-vllm extra, the image's build argument and the fake all name the release docs/vllm.md verified."""
+    import tomllib
+
+    extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gpu-vllm"]
+    dockerfile = (REPO / "build_scripts" / "containers" / "gpu-vllm.Dockerfile").read_text()
+    [image_pin] = re.findall(r"^ARG VLLM_VERSION=(\S+)$", dockerfile, re.MULTILINE)
+    assert extra == [f"vllm=={image_pin}"] and fake.__version__ == image_pin
+    assert "0.33.x" in dockerfile and image_pin.startswith("0.33.")
+    assert f"**Pin: vLLM {image_pin}.**" in (REPO / "docs" / "vllm.md").read_text()
