@@ -19,6 +19,7 @@ import re
 import subprocess
 import sys
 import threading
+import tomllib
 from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
@@ -486,8 +487,6 @@ def test_the_profile_keys_are_verified_and_others_reported():
 
 def test_the_pin_is_one_version_everywhere(fake):
     """The gpu-vllm extra, the image's build argument and the fake all name the release docs/vllm.md verified."""
-    import tomllib
-
     extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gpu-vllm"]
     dockerfile = (REPO / "build_scripts" / "containers" / "gpu-vllm.Dockerfile").read_text()
     [image_pin] = re.findall(r"^ARG VLLM_VERSION=(\S+)$", dockerfile, re.MULTILINE)
