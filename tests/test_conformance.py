@@ -76,20 +76,9 @@ def test_every_check_ran(suite_run):
     assert [r.name for r in suite_run] == [name for name, _ in CHECKS]
 
 
-# Checks an executor is known to fail, with the words its failure must carry: when the check starts passing (or fails
-# otherwise), the test fails, so the entry cannot outlive the gap. vLLM reuses every whole block of a repeated
-# prompt, not just its prefix, so a warm repeat reports more cached tokens than the prefix; the check allows no more
-# than the prefix (TensorRT-LLM's block reuse does the same on a GPU).
-KNOWN_GAPS = {("vllm", "cached_tokens reports prefix reuse"): "cached tokens for a"}
-
-
 @pytest.mark.parametrize("name", [name for name, _ in CHECKS])
-def test_executor_conforms(request, suite_run, name):
+def test_executor_conforms(suite_run, name):
     result = next(r for r in suite_run if r.name == name)
-    gap = KNOWN_GAPS.get((request.node.callspec.params["suite_run"], name))
-    if gap is not None:
-        assert not result.passed and gap in result.detail, f"{name}: the known gap changed: {result.detail}"
-        pytest.xfail(f"known gap: {result.detail}")
     assert result.passed, f"{name}: {result.detail}"
 
 
