@@ -31,8 +31,7 @@ def _profile_lines(profile: Profile) -> list[str]:
              f"{_gb(profile.weight_bytes_per_gpu)} weights + {_gb(profile.reserve.total)} reserve + "
              f"{_gb(profile.kv_budget_bytes_per_gpu)} KV cache per GPU; {profile.sequences:,} sequences, "
              f"max batch {profile.max_batch_size}",
-             f"moe backend: {profile.moe.reason}" if profile.engine == "vllm" else
-             f"moe backend: {profile.moe.backend} ({profile.moe.reason})"]
+             f"moe backend: {profile.moe.reason}"]
     if profile.experimental:
         lines.append(f"experimental: {profile.experimental}")
     return lines
