@@ -73,7 +73,7 @@ def _cuda_devices() -> tuple[str, ...]:
 def build_command_line(target: str, gpus: int, context: int, model_dir: Path, out: Path, engine: str) -> str:
     """The same build for real: on the target it also loads and self-tests the model (and probes the MoE backend
     there). `--force` because the dry run left its repository in `out`."""
-    return shlex.join(["appliance", "build", "--gpu", target, "--engine", engine, "--gpus", str(gpus), "--context",
+    return shlex.join(["appliance", "build", "--gpu", target, "--gpus", str(gpus), "--engine", engine, "--context",
                        str(context), "--model", str(model_dir), "--out", str(out), "--force"])
 
 

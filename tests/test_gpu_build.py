@@ -151,7 +151,7 @@ def test_dry_run_matrix(config_dirs: dict[str, Path], tmp_path: Path, model: str
     assert manifest["status"] == "dry-run"
     assert manifest["profile"] == result.profile.id and manifest["sizing"]["id"] == result.profile.id
     assert manifest["checkpoint_checked"] == "config.json only (the directory holds no weights)"
-    assert manifest["remaining"] == [f"appliance build --gpu {gpu} --engine {served_by} --gpus {count} --context 8192 "
+    assert manifest["remaining"] == [f"appliance build --gpu {gpu} --gpus {count} --engine {served_by} --context 8192 "
                                      f"--model {config_dirs[model]} --out {out} --force"]
     assert manifest["remaining_where"] == (f"inside the GPU image (safeguard-appliance:gpu) on a host with "
                                            f"{count} × {gpu}")
@@ -180,7 +180,7 @@ def test_dry_run_output_that_fits(config_dirs: dict[str, Path], tmp_path: Path) 
         "checked: config.json only (the directory holds no weights)",
         "status: dry-run (weights not prepared, model not loaded)",
         "remaining, inside the GPU image (safeguard-appliance:gpu) on a host with 2 × h100:",
-        f"  appliance build --gpu h100 --engine trtllm --gpus 2 --context 8192 --model {config_dirs['gpt-oss-120b']} "
+        f"  appliance build --gpu h100 --gpus 2 --engine trtllm --context 8192 --model {config_dirs['gpt-oss-120b']} "
         f"--out {out} --force",
     ]
 
