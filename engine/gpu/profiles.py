@@ -25,7 +25,13 @@ from typing import Any
 from engine.checkpoint.config import ModelConfig, parse_config
 from engine.checkpoint.inventory import model_figures
 from engine.executors.moe_backends import TRITON, MoeChoice, choose_moe_backend
+
+# ENGINES and the GPU names are part of this module's interface too (CONTRACTS_H.md); they live in engine.gpu.kinds.
+from engine.gpu.kinds import ENGINE_LABELS as ENGINE_LABELS
+from engine.gpu.kinds import ENGINES as ENGINES
+from engine.gpu.kinds import GPU_ALIASES as GPU_ALIASES
 from engine.gpu.kinds import GPU_KINDS, GpuKind, ProfileError, engine_choice, gpu_kind
+from engine.gpu.kinds import GPU_NAMES as GPU_NAMES
 from engine.gpu.kv_sizing import VLLM_BLOCK_SIZE, KvLayout, trtllm_layout, vllm_layout
 from engine.gpu.resident import TRTLLM_CUTLASS, TRTLLM_TRITON, VLLM_MARLIN, ExpertLayout, weight_bytes_per_gpu
 
