@@ -47,7 +47,14 @@ from build_scripts.manifest import (
     record_selftest,
     save_manifest,
 )
-from build_scripts.plan import Host, build_command_line, detect_host, selftest_command_line, where
+from build_scripts.plan import (
+    Host,
+    build_command_line,
+    detect_host,
+    selftest_command_line,
+    tensorrt_llm_version,
+    where,
+)
 from build_scripts.repository import write_repository
 from build_scripts.vllm_args import unverified_vllm_args
 from classification.errors import ApplianceError
@@ -177,11 +184,10 @@ def build(options: BuildOptions) -> BuildResult:
     _check_out(out, options.force)  # before minutes of hashing a large checkpoint, not only after
     model_dir = Path(options.model_dir).resolve()
     config = profile = None
-    host = detect_host() if target.gpu is not None and not options.dry_run else None
     if target.gpu is not None:  # sizing needs config.json only: an impossible combination fails before the weights
         config = load_config(model_dir)
         # Only a host with TensorRT-LLM is taken for the target whose packages the probe can see.
-        probe = triton_kernels_available() if host is not None and host.tensorrt_llm else None
+        probe = triton_kernels_available() if not options.dry_run and tensorrt_llm_version() else None
         profile = fit(config, target.gpu, options.gpus or 1, options.context, engine=options.engine,
                       triton_kernels=probe)
     checked, warnings = _check_checkpoint(model_dir, options.dry_run)
@@ -190,6 +196,7 @@ def build(options: BuildOptions) -> BuildResult:
     weights = _weights(model_dir, out, config, profile)
     settings = _engine_settings(target, profile, weights.served, fingerprint, options)
     _check_verified(settings)
+    host = detect_host() if profile is not None and not options.dry_run else None
     plan = _plan(target, profile, options, model_dir, out, host)
 
     def fill(scratch: Path) -> dict[str, Any]:

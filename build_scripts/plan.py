@@ -43,7 +43,12 @@ class Host:
 
 
 def detect_host() -> Host:
-    return Host(_installed("tensorrt_llm", "tensorrt-llm"), _cuda_devices(), _installed("vllm", "vllm"))
+    return Host(tensorrt_llm_version(), _cuda_devices(), _installed("vllm", "vllm"))
+
+
+def tensorrt_llm_version() -> str | None:
+    """TensorRT-LLM's version if it is installed here (no import, no torch: quick enough before sizing)."""
+    return _installed("tensorrt_llm", "tensorrt-llm")
 
 
 def _installed(module: str, distribution: str) -> str | None:

@@ -334,6 +334,7 @@ def test_the_moe_backend_follows_the_probe_on_a_host_with_tensorrt_llm(smoke: Pa
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     # TensorRT-LLM here but no GPU: the repository is planned, and the probe of this host decides the backend.
     monkeypatch.setattr(build_module, "detect_host", lambda: Host("1.2.1", ()))
+    monkeypatch.setattr(build_module, "tensorrt_llm_version", lambda: "1.2.1")
     for available, backend in ((False, "CUTLASS"), (True, "TRITON")):
         monkeypatch.setattr(build_module, "triton_kernels_available", lambda available=available: available)
         out = tmp_path / backend
@@ -345,6 +346,12 @@ def test_the_moe_backend_follows_the_probe_on_a_host_with_tensorrt_llm(smoke: Pa
         assert f"moe backend: {engine['moe_reason']}" in result.output.splitlines()
     assert "`triton_kernels` is not installed" in json.loads((tmp_path / "CUTLASS" / MANIFEST_FILE).read_text())[
         "engine"]["moe_reason"]
+    # A dry run is not taken for the target even here: it names TRITON and leaves the probe to the executor.
+    monkeypatch.setattr(build_module, "triton_kernels_available", lambda: False)
+    result = run_build("--gpu", "h100", "--model", smoke, "--out", tmp_path / "dry", "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert EngineSettings.load(tmp_path / "dry" / "safeguard" / "1").trtllm["moe_config"] == {"backend": "TRITON"}
+    assert "probed on the target" in json.loads((tmp_path / "dry" / MANIFEST_FILE).read_text())["engine"]["moe_reason"]
 
 
 def test_a100_vllm_build_serves_the_checkpoint_as_shipped(smoke: Path, tmp_path: Path,
@@ -407,6 +414,7 @@ def gpu_host(monkeypatch: pytest.MonkeyPatch) -> None:
     from engine.gpu import selftest
 
     monkeypatch.setattr(build_module, "detect_host", lambda: Host("1.2.1", ("NVIDIA H100 80GB HBM3",)))
+    monkeypatch.setattr(build_module, "tensorrt_llm_version", lambda: "1.2.1")
 
     def reference(settings: EngineSettings) -> ReferenceExecutor:
         assert settings.executor == "trtllm"
