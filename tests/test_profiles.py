@@ -161,7 +161,8 @@ def test_a100_serves_mxfp4_experts_on_vllm() -> None:
     big = fit(cfg20, "a100-80gb", 1)
     assert big.kv_budget_bytes_per_gpu == 76_477_995_417 - 14_679_227_520 - 2_806_906_880 == 58_991_861_017
     # Blocks of 16 × 12 layers (393,216 B): 150,024; 649 per sequence → 231.
-    assert (big.sequences, big.kv_tokens, big.status) == (150_024 // 649, 150_024 * 16, "fits")
+    assert (big.sequences, big.kv_tokens, big.status) == (150_024 // 649, 150_024 * 16, "experimental")
+    assert big.experimental.startswith("vLLM's gpt-oss recipe runs A100")
     # A100 40GB: 0.9 × 42,412,802,048 = 38,171,521,843 − 17,486,134,400 = 20,685,387,443 → 52,605 blocks → 81.
     assert fit(cfg20, "a100-40gb", 1).sequences == 52_605 // 649 == 81
     # 120b on one A100 80GB: 70,756,592,256 B of weights and 2,808,479,744 of reserve leave 2,912,923,417 B:
@@ -280,7 +281,7 @@ def test_profile_ids_and_gpu_names() -> None:
     assert evaluate(published("gpt-oss-120b"), "a100-80gb", 4, engine="trtllm").id == "a100-80gbx4-tp4-ep4-bf16-trtllm"
     assert gpu_kind("A100") is GPU_KINDS["a100-80gb"] and gpu_kind(" H200 ") is GPU_KINDS["h200"]
     assert GPU_KINDS["a100-40gb"].experimental and not GPU_KINDS["h100"].experimental
-    assert fit(published("gpt-oss-20b"), "a100", 1).status == "fits"  # experimental is TensorRT-LLM's, on A100
+    assert fit(published("gpt-oss-20b"), "h100", 1, engine="vllm").status == "fits"
     with pytest.raises(ProfileError, match="unknown GPU kind 'v100'; choose one of: h100, h200"):
         gpu_kind("v100")
 
@@ -325,8 +326,9 @@ def test_cli_lists_every_profile_with_its_status() -> None:
     rows = {cells[0]: (cells[3], cells[-1]) for cells in table}  # profile id → (engine, status)
     assert len(rows) == 16
     assert rows["h100x1-tp1-ep1-mxfp4-trtllm"] == ("trtllm", "fits")
-    assert rows["a100-80gbx1-tp1-ep1-mxfp4-vllm"] == ("vllm", "fits")  # each kind on its default engine
+    assert rows["a100-80gbx1-tp1-ep1-mxfp4-vllm"] == ("vllm", "experimental")  # each kind on its default engine
     assert rows["a100-40gbx2-tp2-ep2-mxfp4-vllm"] == ("vllm", "too small")
+    assert "experimental (a100-80gb, a100-40gb): vLLM's gpt-oss recipe runs A100" in result.output
     result = profiles("--model", PRESETS / "gpt-oss-120b.json", "--engine", "trtllm", "--gpu", "a100")
     assert result.exit_code == 0, result.output
     assert re.search(r"^a100-80gbx2-tp2-ep2-bf16-trtllm .* too small$", result.output, re.MULTILINE)
@@ -364,7 +366,7 @@ def test_cli_json() -> None:
     by_id = {p["id"]: p for p in report["profiles"]}
     assert set(by_id) == {f"a100-40gbx{n}-tp{n}-ep{n}-mxfp4-vllm" for n in GPU_COUNTS}
     one = by_id["a100-40gbx1-tp1-ep1-mxfp4-vllm"]
-    assert (one["status"], one["engine"], one["llm_kwargs"], one["sequences"]) == ("fits", "vllm", None, 81)
+    assert (one["status"], one["engine"], one["llm_kwargs"], one["sequences"]) == ("experimental", "vllm", None, 81)
     assert one["engine_args"]["gpu_memory_utilization"] == 0.9
     result = profiles("--model", PRESETS / "gpt-oss-20b.json", "--gpu", "a100-40gb", "--engine", "trtllm", "--json")
     by_id = {p["id"]: p for p in json.loads(result.output)["profiles"]}

@@ -22,6 +22,10 @@ _A100_REASON = (
     "unverified until a selftest passes on a real A100"
 )
 _A100_VLLM = "TensorRT-LLM documents gpt-oss on Hopper and Blackwell only"
+_A100_VLLM_REASON = (
+    "vLLM's gpt-oss recipe runs A100 on TRITON_ATTN and Marlin MXFP4 MoE but does not list it among its verified "
+    "hardware; unverified until a selftest passes on a real A100"
+)
 _HOPPER_TRTLLM = "TensorRT-LLM's gpt-oss guides cover Hopper, with MXFP4 experts"
 
 
@@ -43,6 +47,7 @@ class GpuKind:
     default_engine: str
     default_engine_why: str
     experimental: str | None = None  # why TensorRT-LLM on this kind is not yet trusted, or None
+    vllm_experimental: str | None = None  # why vLLM on this kind is not yet trusted, or None
 
     def expert_precision(self, engine: str) -> str:
         """vLLM serves MXFP4 experts on every kind here (Marlin on SM80); TensorRT-LLM only where it has a kernel."""
@@ -52,8 +57,10 @@ class GpuKind:
 GPU_KINDS: dict[str, GpuKind] = {g.name: g for g in (
     GpuKind("h100", "NVIDIA H100 80GB (SXM or PCIe)", 81_008 * MIB, 90, True, TRITON, "trtllm", _HOPPER_TRTLLM),
     GpuKind("h200", "NVIDIA H200 141GB", 143_156 * MIB, 90, True, TRITON, "trtllm", _HOPPER_TRTLLM),
-    GpuKind("a100-80gb", "NVIDIA A100 80GB", 81_039 * MIB, 80, False, CUTLASS, "vllm", _A100_VLLM, _A100_REASON),
-    GpuKind("a100-40gb", "NVIDIA A100 40GB", 40_448 * MIB, 80, False, CUTLASS, "vllm", _A100_VLLM, _A100_REASON),
+    GpuKind("a100-80gb", "NVIDIA A100 80GB", 81_039 * MIB, 80, False, CUTLASS, "vllm", _A100_VLLM, _A100_REASON,
+            _A100_VLLM_REASON),
+    GpuKind("a100-40gb", "NVIDIA A100 40GB", 40_448 * MIB, 80, False, CUTLASS, "vllm", _A100_VLLM, _A100_REASON,
+            _A100_VLLM_REASON),
 )}
 GPU_ALIASES = {"a100": "a100-80gb", "h100-80gb": "h100", "h200-141gb": "h200"}
 GPU_NAMES = (*GPU_KINDS, *GPU_ALIASES)

@@ -44,7 +44,9 @@ VLLM_MAX_NUM_BATCHED_TOKENS = 2048
 MAX_NUM_TOKENS = {"trtllm": DEFAULT_MAX_NUM_TOKENS, "vllm": VLLM_MAX_NUM_BATCHED_TOKENS}
 # The Hopper gpt-oss-120b configs NVIDIA tuned (examples/configs/database/.../H200/*.yaml) all use 0.85.
 FREE_GPU_MEMORY_FRACTION = 0.85
-GPU_MEMORY_UTILIZATION = 0.90  # vLLM's default share of the whole GPU
+# vLLM's share of the whole GPU: a little under vLLM 0.33.0's default (0.92), since the reserve only estimates what
+# vLLM takes out of the same share (CUDA graphs, sampler warm-up).
+GPU_MEMORY_UTILIZATION = 0.90
 # A bound, not a measurement: the logits reserve and the CUDA graph pools grow with it, and a classifier wants
 # short decode steps. The benchmarks should tune it.
 MAX_BATCH_SIZE = 256
@@ -118,7 +120,7 @@ class Profile:
 
     @property
     def experimental(self) -> str | None:
-        return self.gpu.experimental if self.engine == "trtllm" else None
+        return self.gpu.experimental if self.engine == "trtllm" else self.gpu.vllm_experimental
 
     @property
     def status(self) -> str:
