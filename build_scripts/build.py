@@ -351,7 +351,7 @@ def _plan(target: BuildTarget, profile: Profile | None, options: BuildOptions, m
           host: Host | None) -> Plan:
     if profile is None:
         return Plan(BUILT, "CPU build: nothing is left to run elsewhere")
-    on_target = where(target.name, profile.gpus)
+    on_target = where(target.name, profile.gpus, profile.engine)
     if options.dry_run:
         return Plan(DRY_RUN, "weights not prepared, model not loaded",
                     (build_command_line(target.name, profile.gpus, profile.context, model_dir, out, profile.engine),),

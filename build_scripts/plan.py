@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 GPU_IMAGE = "safeguard-appliance:gpu"  # the tag docs/build.md builds build_scripts/containers/gpu.Dockerfile as
+# The image each engine runs in: vLLM's is build_scripts/containers/gpu-vllm.Dockerfile (docs/vllm.md).
+GPU_IMAGES = {"trtllm": GPU_IMAGE, "vllm": "safeguard-appliance:gpu-vllm"}
 
 
 @dataclass(frozen=True)
@@ -86,5 +88,5 @@ def selftest_command_line(repo: Path) -> str:
     return shlex.join(["appliance", "selftest", "--repo", str(repo)])
 
 
-def where(target: str, gpus: int) -> str:
-    return f"inside the GPU image ({GPU_IMAGE}) on a host with {gpus} × {target}"
+def where(target: str, gpus: int, engine: str = "trtllm") -> str:
+    return f"inside the GPU image ({GPU_IMAGES[engine]}) on a host with {gpus} × {target}"

@@ -153,8 +153,8 @@ def test_dry_run_matrix(config_dirs: dict[str, Path], tmp_path: Path, model: str
     assert manifest["checkpoint_checked"] == "config.json only (the directory holds no weights)"
     assert manifest["remaining"] == [f"appliance build --gpu {gpu} --gpus {count} --engine {served_by} --context 8192 "
                                      f"--model {config_dirs[model]} --out {out} --force"]
-    assert manifest["remaining_where"] == (f"inside the GPU image (safeguard-appliance:gpu) on a host with "
-                                           f"{count} × {gpu}")
+    image = "safeguard-appliance:gpu" if served_by == "trtllm" else "safeguard-appliance:gpu-vllm"
+    assert manifest["remaining_where"] == f"inside the GPU image ({image}) on a host with {count} × {gpu}"
     if precision == "bf16":  # planned, not done: the expansion is for the build on the target
         assert settings.model_dir == str(out / "weights") and not (out / "weights").exists()
         assert manifest["weights"]["prepared"] is False and manifest["weights"]["expansion"] is None
@@ -365,6 +365,13 @@ def test_a100_vllm_build_serves_the_checkpoint_as_shipped(smoke: Path, tmp_path:
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     assert manifest["status_detail"] == "not loaded here: vLLM is not installed; no CUDA device is visible"
     assert manifest["remaining"] == [f"appliance selftest --repo {out}"]
+    assert manifest["remaining_where"] == ("inside the GPU image (safeguard-appliance:gpu-vllm) on a host with "
+                                           "1 × a100-80gb")
+    # A dry run of the same synthetic checkpoint: its weights checked, engine.json selecting vLLM.
+    result = run_build("--gpu", "a100", "--model", smoke, "--out", tmp_path / "dry", "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "checked: weights and MXFP4 scales" in result.output.splitlines()
+    assert EngineSettings.load(tmp_path / "dry" / "safeguard" / "1").executor == "vllm"
 
 
 def test_a100_trtllm_build_expands_the_experts_into_the_repository(smoke: Path, tmp_path: Path,
