@@ -1,8 +1,12 @@
 """The TensorRT-LLM executor's own plumbing, against the FAKE `tensorrt_llm` in tests/fake_tensorrt_llm.
 
-These tests check what the executor hands to the LLM API and what it makes of the answers: argument mapping,
-streaming, cancellation, cached tokens, errors, validation and stats. They say nothing about TensorRT-LLM itself;
-docs/trtllm.md lists where each TensorRT-LLM name was checked and how the GPU selftest exercises the real thing.
+These tests check what the executor hands to the LLM API and what it makes of the answers: argument mapping, the
+MoE backend choice, streaming, cancellation, cached tokens, seeds, errors (the LLM API's own synchronous checks and
+its worker's asynchronous refusals), validation and stats. They say nothing about TensorRT-LLM itself;
+docs/trtllm.md lists where each TensorRT-LLM name was checked and how the GPU selftest exercises the real thing. A
+few tests pin the fake to the real behaviours it models (seeds ignored, `cached_tokens` only on the responses that
+carry it, worker refusals raised by the stream, abort answered "cancelled"), so the fake cannot drift back to
+hiding them.
 
 The fake is importable only inside the `fake` fixture: it prepends its directory to sys.path and removes every
 `tensorrt_llm` module afterwards, so no other test can import it, nor the real package, by accident.
@@ -13,11 +17,12 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
+import logging
 import re
 import subprocess
 import sys
 import threading
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from types import ModuleType
 
@@ -25,11 +30,15 @@ import pytest
 
 from engine.checkpoint.config import preset_dict
 from engine.executors.base import GenerationChunk, GenerationRequest, RequestError, SamplingParams
-from engine.executors.trtllm import TrtllmExecutor, finish_reason
+from engine.executors.moe_backends import triton_kernels_available
+from engine.executors.trtllm import SEED_REFUSAL, TrtllmExecutor, finish_reason
 from engine.settings import EngineSettings, SettingsError
+from server.triton.client import GenerateRequest, TritonEndpoint
 from tests.conftest import REPO
 
 FAKE_DIR = Path(__file__).parent / "fake_tensorrt_llm"
+# A stand-in `triton_kernels` package, put on sys.path only where a test wants it importable.
+TRITON_KERNELS_DIR = FAKE_DIR / "vendored"
 RETURN, CALL = 200002, 200012
 PROMPT = tuple(range(1000, 1100))
 # The shape engine/gpu/profiles.py writes to engine.json for a GPU profile.
@@ -62,6 +71,18 @@ def fake(monkeypatch) -> ModuleType:
 
 
 @pytest.fixture
+def no_triton_kernels() -> None:
+    if triton_kernels_available():
+        pytest.skip("a real triton_kernels is installed here")
+
+
+@pytest.fixture
+def triton_kernels(monkeypatch) -> None:
+    monkeypatch.syspath_prepend(str(TRITON_KERNELS_DIR))
+    assert triton_kernels_available()
+
+
+@pytest.fixture
 def model_dir(tmp_path) -> Path:
     (tmp_path / "config.json").write_text(json.dumps(preset_dict("smoke")))
     return tmp_path
@@ -73,7 +94,7 @@ def make_settings(model_dir: Path, trtllm: dict | None = None, **extra) -> Engin
 
 
 @pytest.fixture
-def executor(fake, model_dir) -> TrtllmExecutor:
+def executor(fake, model_dir, triton_kernels) -> TrtllmExecutor:
     return TrtllmExecutor(make_settings(model_dir, max_context=8192))
 
 
@@ -165,19 +186,66 @@ def test_only_the_trtllm_executor_settings_are_accepted(fake, model_dir):
         TrtllmExecutor(EngineSettings("reference", str(model_dir), "test-fingerprint"))
 
 
+# -- the MoE backend and engine_info() -------------------------------------------------------------------------------
+
+
+def test_triton_moe_without_triton_kernels_loads_cutlass_and_says_why(fake, model_dir, no_triton_kernels, caplog):
+    with caplog.at_level(logging.WARNING, logger="engine.executors.trtllm"):
+        executor = TrtllmExecutor(make_settings(model_dir))
+    assert llm_of(executor).kwargs["moe_config"] == fake.MoeConfig(backend="CUTLASS")
+    info = executor.engine_info()
+    assert (info["moe_backend"], info["moe_backend_requested"], info["triton_kernels_importable"]) == (
+        "CUTLASS", "TRITON", False)
+    assert "triton_kernels" in info["moe_backend_reason"] and "CUTLASS" in info["moe_backend_reason"]
+    assert any("MoE backend" in r.message and "triton_kernels" in r.message for r in caplog.records)
+
+
+def test_triton_moe_is_kept_where_triton_kernels_is_importable(fake, executor, caplog):
+    assert llm_of(executor).kwargs["moe_config"] == fake.MoeConfig(backend="TRITON")
+    info = executor.engine_info()
+    assert (info["moe_backend"], info["triton_kernels_importable"]) == ("TRITON", True)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_engine_info_reports_version_choice_and_kv_config_as_json(fake, executor):
+    info = executor.engine_info()
+    assert json.loads(json.dumps(info)) == info
+    assert (info["engine"], info["version"]) == ("tensorrt_llm", "1.2.1")
+    assert info["kv_cache_config"] == {**PROFILE["kv_cache_config"], "enable_block_reuse": True}
+    assert (info["max_seq_len"], info["max_num_tokens"], info["tensor_parallel_size"]) == (8192, 8192, 1)
+    assert "seed" in info["seeds"]
+
+
+def test_a_profile_without_moe_config_keeps_tensorrt_llms_default(fake, model_dir):
+    trtllm = {key: value for key, value in PROFILE.items() if key != "moe_config"}
+    executor = TrtllmExecutor(make_settings(model_dir, trtllm))
+    assert "moe_config" not in llm_of(executor).kwargs
+    info = executor.engine_info()
+    assert (info["moe_backend"], info["moe_backend_requested"]) == ("CUTLASS", None)
+    assert "default" in info["moe_backend_reason"]
+
+
+def test_a_version_outside_1_2_is_loaded_with_a_warning(fake, model_dir, monkeypatch, caplog):
+    monkeypatch.setattr(sys.modules["tensorrt_llm"], "__version__", "1.3.0rc4")
+    with caplog.at_level(logging.WARNING, logger="engine.executors.trtllm"):
+        executor = TrtllmExecutor(make_settings(model_dir))
+    assert executor.engine_info()["version"] == "1.3.0rc4"
+    assert any("1.3.0rc4" in r.message and "1.2." in r.message for r in caplog.records)
+
+
 # -- generate_async() arguments -----------------------------------------------------------------------------------
 
 
 def test_generate_async_gets_token_ids_sampling_and_the_prefix_retention(fake, executor):
     llm = llm_of(executor)
     script(llm, fake.Step([RETURN], "stop"))
-    req = request(sampling=SamplingParams(temperature=0.7, seed=11, stop_token_ids=(RETURN, CALL)))
+    req = request(sampling=SamplingParams(temperature=0.7, stop_token_ids=(RETURN, CALL)))
     asyncio.run(collect(executor, req))
     (result,) = llm.requests
     assert result.prompt_token_ids == list(PROMPT)
     assert result.streaming is True
     params = result.sampling_params
-    assert (params.max_tokens, params.temperature, params.seed) == (16, 0.7, 11)
+    assert (params.max_tokens, params.temperature, params.seed) == (16, 0.7, None)
     assert params.stop_token_ids == [RETURN, CALL]
     assert params.include_stop_str_in_output is True  # the stop token stays in the output, as in the reference
     assert (params.end_id, params.pad_id, params.ignore_eos) == (200002, 199999, True)
@@ -204,10 +272,40 @@ def test_no_prefix_means_no_retention_config(fake, executor):
 
 
 def test_streamed_deltas_become_chunks_with_cached_tokens_first_and_the_stop_token_last(fake, executor):
-    script(llm_of(executor), fake.Step([1, 2], cached_tokens=64), fake.Step([3], cached_tokens=64),
-           fake.Step([RETURN], "stop", cached_tokens=64))
+    script(llm_of(executor), fake.Step([1, 2], cached_tokens=64), fake.Step([3]), fake.Step([RETURN], "stop"))
     chunks = asyncio.run(collect(executor, request()))
     assert chunks == [GenerationChunk((1, 2), 64), GenerationChunk((3,)), GenerationChunk((RETURN,), None, "stop")]
+
+
+def test_a_later_response_without_cached_tokens_does_not_reset_the_figure(fake, executor):
+    """TensorRT-LLM reads `cached_tokens` afresh on every response (0 when a response lacks it): the first figure
+    stands, in the stream and in the counters."""
+    script(llm_of(executor), fake.Step([1], cached_tokens=64), fake.Step([2], cached_tokens=64), fake.Step([3]),
+           fake.Step([RETURN], "stop", reused_blocks=2))
+    chunks = asyncio.run(collect(executor, request()))
+    assert chunks[0].cached_tokens == 64 and llm_of(executor).requests[0].cached_tokens == 0
+    stats = executor.stats()
+    assert (stats["prompt_tokens_cached"], stats["prompt_tokens_computed"]) == (64, 36)
+    assert stats["requests_cached_tokens_unreported"] == 0
+
+
+def test_a_figure_first_carried_by_a_later_response_still_counts(fake, executor):
+    """The first chunk has gone out with 0 by then (a chunk cannot be taken back); the counters get the figure."""
+    script(llm_of(executor), fake.Step([1]), fake.Step([2], cached_tokens=32), fake.Step([RETURN], "stop"))
+    chunks = asyncio.run(collect(executor, request()))
+    assert chunks[0] == GenerationChunk((1,), 0)
+    assert executor.stats()["prompt_tokens_cached"] == 32
+
+
+def test_reused_blocks_without_cached_tokens_are_counted_and_logged(fake, executor, caplog):
+    script(llm_of(executor), fake.Step([1]), fake.Step([RETURN], "stop", reused_blocks=3, missed_blocks=1))
+    with caplog.at_level(logging.WARNING, logger="engine.executors.trtllm"):
+        chunks = asyncio.run(collect(executor, request()))
+    assert chunks[0].cached_tokens == 0  # as TensorRT-LLM reported it: the blocks figure is no token count
+    stats = executor.stats()
+    assert (stats["requests_cached_tokens_unreported"], stats["kv_blocks_reused"]) == (1, 3)
+    assert stats["prompt_tokens_cached"] == 0
+    assert any("reused 3 KV blocks" in r.message and "r1" in r.message for r in caplog.records)
 
 
 def test_a_single_final_response_carries_everything(fake, executor):
@@ -272,6 +370,8 @@ def test_cancel_from_another_thread_aborts_and_ends_the_stream_cancelled(fake, e
 
 
 def test_cancel_before_any_output_still_answers_cached_tokens_first(fake, executor):
+    llm_of(executor).script = lambda result: None  # TensorRT-LLM has not answered yet
+
     async def run():
         stream = executor.generate(request())
         reader = asyncio.ensure_future(anext(stream))
@@ -337,15 +437,161 @@ def test_a_failure_inside_tensorrt_llm_ends_the_stream_with_error(fake, executor
     assert executor.stats()["finished_error"] == 1
 
 
-def test_a_request_tensorrt_llm_refuses_ends_with_error_and_the_executor_lives_on(fake, executor):
-    def refuse(result):
-        raise fake.RequestError("no free KV blocks")
-
-    llm_of(executor).script = refuse
+@pytest.mark.parametrize("single_process", [False, True], ids=["worker process", "single process"])
+def test_a_request_the_worker_refuses_ends_with_error_and_the_executor_lives_on(fake, executor, single_process):
+    """In its own process (the default) the worker's refusal arrives as the stream's first read raising; with
+    TLLM_WORKER_USE_SINGLE_PROCESS it raises from generate_async. The stream ends the same way either way."""
+    llm = llm_of(executor)
+    llm.single_process = single_process
+    llm.worker_check = lambda inputs, params: "no free KV blocks"
     [chunk] = asyncio.run(collect(executor, request()))
-    assert chunk.finish_reason == "error" and "no free KV blocks" in chunk.error
-    script(llm_of(executor), fake.Step([RETURN], "stop"))
+    assert chunk.finish_reason == "error" and chunk.error == "TensorRT-LLM refused the request: no free KV blocks"
+    assert chunk.cached_tokens == 0
+    stats = executor.stats()
+    assert (stats["finished_error"], stats["requests_running"]) == (1, 0)
+    llm.worker_check = None
+    script(llm, fake.Step([RETURN], "stop"))
     assert asyncio.run(collect(executor, request()))[-1].finish_reason == "stop"
+
+
+def test_a_refusal_by_the_llm_apis_own_checks_ends_with_error(fake, executor):
+    llm_of(executor).shutdown()  # as after a worker crash: generate_async itself refuses, synchronously
+    [chunk] = asyncio.run(collect(executor, request()))
+    assert chunk == GenerationChunk((), 0, "error", "TensorRT-LLM refused the request: LLM is shutting down")
+    assert executor.stats()["finished_error"] == 1
+
+
+# -- the fake models TensorRT-LLM's behaviour --------------------------------------------------------------------
+
+
+def _fake_llm(fake, **kwargs):
+    return fake.LLM("/model", skip_tokenizer_init=True, max_seq_len=64, **kwargs)
+
+
+async def _read(result) -> list[object]:
+    return [(list(r.outputs[0].token_ids), r.cached_tokens, r.outputs[0].finish_reason) async for r in result]
+
+
+def test_the_fakes_worker_refuses_asynchronously_unless_single_process(fake):
+    async def run(llm, prompt, max_tokens):
+        result = llm.generate_async(prompt, fake.SamplingParams(end_id=2, max_tokens=max_tokens), streaming=True)
+        with pytest.raises(fake.RequestError, match="mMaxNewTokens > 0"):
+            await anext(result)
+        assert result.finished
+
+    llm = _fake_llm(fake)
+    asyncio.run(run(llm, [1, 2, 3], 0))
+    asyncio.run(run(llm, [1] * 64, 8))  # max_tokens is capped to what fits under max_seq_len: nothing does
+    llm.single_process = True
+
+    async def synchronous():
+        with pytest.raises(fake.RequestError, match="mMaxNewTokens > 0"):
+            llm.generate_async([1, 2, 3], fake.SamplingParams(end_id=2, max_tokens=0), streaming=True)
+
+    asyncio.run(synchronous())
+
+
+def test_the_fakes_llm_api_checks_stay_synchronous(fake):
+    llm = _fake_llm(fake, max_num_tokens=4)
+
+    async def run():
+        with pytest.raises(ValueError, match="end_id"):
+            llm.generate_async([1], fake.SamplingParams(max_tokens=1))
+        with pytest.raises(ValueError, match="max_num_tokens"):
+            llm.generate_async([1] * 5, fake.SamplingParams(end_id=2, max_tokens=1))
+        llm.shutdown()
+        with pytest.raises(RuntimeError, match="shutting down"):
+            llm.generate_async([1], fake.SamplingParams(end_id=2, max_tokens=1))
+
+    asyncio.run(run())
+
+
+def test_the_fakes_cached_tokens_live_only_on_the_responses_that_carry_them(fake):
+    llm = _fake_llm(fake)
+    llm.script = lambda result: result.feed(fake.Step([1], cached_tokens=16), fake.Step([2], "length"))
+
+    async def run():
+        return await _read(llm.generate_async([1, 2], fake.SamplingParams(end_id=2, max_tokens=2), streaming=True))
+
+    assert asyncio.run(run()) == [([1], 16, None), ([1, 2], 0, "length")]
+
+
+def test_the_fakes_abort_is_answered_by_a_final_cancelled_response(fake):
+    llm = _fake_llm(fake)
+    llm.script = lambda result: result.feed(fake.Step([1], cached_tokens=16))
+
+    async def run():
+        result = llm.generate_async([1, 2], fake.SamplingParams(end_id=2, max_tokens=8), streaming=True)
+        first = await anext(result)
+        assert not first.finished
+        result.abort()
+        return await _read(result)
+
+    assert asyncio.run(run()) == [([1], 0, "cancelled")]
+
+
+def test_the_fake_ignores_seeds_as_tensorrt_llms_sampler_does(fake):
+    """TorchSampler draws every sampled token from one generator for the whole engine: the same seed on two requests
+    gives different tokens, and greedy decoding repeats whatever the seed."""
+    llm = _fake_llm(fake)
+
+    async def tokens(**params) -> list[int]:
+        result = llm.generate_async([5, 6, 7], fake.SamplingParams(end_id=2, max_tokens=8, **params), streaming=True)
+        return (await _read(result))[-1][0]
+
+    async def run():
+        return ([await tokens(temperature=1.0, seed=7) for _ in range(2)],
+                [await tokens(temperature=0.0, seed=seed) for seed in (1, 2)])
+
+    sampled, greedy = asyncio.run(run())
+    assert sampled[0] != sampled[1]
+    assert greedy[0] == greedy[1]
+
+
+# -- seeds --------------------------------------------------------------------------------------------------------
+
+
+def test_a_seeded_sampled_request_is_refused_with_a_clear_message(executor):
+    req = request(sampling=SamplingParams(temperature=0.8, seed=1234))
+    with pytest.raises(RequestError) as refused:
+        executor.generate(req)
+    assert str(refused.value) == SEED_REFUSAL
+    assert "ignores per-request seeds" in SEED_REFUSAL and "temperature 0" in SEED_REFUSAL
+    assert llm_of(executor).requests == []
+
+
+def test_a_greedy_request_may_carry_a_seed_which_is_not_passed_on(fake, executor):
+    script(llm_of(executor), fake.Step([RETURN], "stop"))
+    chunks = asyncio.run(collect(executor, request(sampling=SamplingParams(temperature=0.0, seed=99))))
+    assert chunks[-1].finish_reason == "stop"
+    assert llm_of(executor).requests[0].sampling_params.seed is None
+
+
+def test_sampling_without_a_seed_differs_from_request_to_request(fake, executor):
+    """What temperature > 0 does in TensorRT-LLM 1.2, as the fake models it: not repeatable across requests."""
+    sampled = request(max_tokens=8, sampling=SamplingParams(temperature=1.0))
+
+    async def tokens() -> list[int]:
+        return [t for chunk in await collect(executor, sampled) for t in chunk.token_ids]
+
+    first, second = asyncio.run(tokens()), asyncio.run(tokens())
+    assert len(first) == len(second) == 8 and first != second
+
+
+def test_the_front_end_never_sends_a_seed_or_a_temperature():
+    """Classification and prefix warm-up are greedy: the Triton client has no field for a seed or a temperature and
+    sends only these four inputs, so the refusal above is never met in normal service."""
+    assert {f.name for f in fields(GenerateRequest)} == {"input_ids", "max_tokens", "prefix_len", "prefix_priority",
+                                                          "request_id"}
+
+    async def encoded() -> list[str]:
+        endpoint = TritonEndpoint("127.0.0.1:1", "safeguard")
+        try:
+            return [i.name for i in endpoint._encode(GenerateRequest([1, 2, 3], 5, 2, 80)).inputs]
+        finally:
+            await endpoint.close()
+
+    assert asyncio.run(encoded()) == ["input_ids", "max_tokens", "prefix_len", "prefix_priority"]
 
 
 @pytest.mark.parametrize(("changes", "message"), [
@@ -380,7 +626,7 @@ def test_a_prompt_over_max_num_tokens_is_refused_without_chunked_prefill(fake, m
 
 def test_stats_count_tokens_finishes_and_kv_blocks(fake, executor):
     llm = llm_of(executor)
-    script(llm, fake.Step([1, 2]), fake.Step([RETURN], "stop", cached_tokens=64, reused_blocks=2, missed_blocks=1))
+    script(llm, fake.Step([1, 2], cached_tokens=64), fake.Step([RETURN], "stop", reused_blocks=2, missed_blocks=1))
     asyncio.run(collect(executor, request()))
     script(llm, fake.Step([5], "length", cached_tokens=0, missed_blocks=4))
     asyncio.run(collect(executor, request("r2", max_tokens=1)))
@@ -388,7 +634,8 @@ def test_stats_count_tokens_finishes_and_kv_blocks(fake, executor):
     assert stats == {
         "requests_finished": 2, "finished_stop": 1, "finished_length": 1, "finished_cancelled": 0,
         "finished_error": 0, "prompt_tokens": 200, "prompt_tokens_cached": 64, "prompt_tokens_computed": 136,
-        "generated_tokens": 4, "kv_blocks_reused": 2, "kv_blocks_missed": 5, "requests_running": 0,
+        "generated_tokens": 4, "kv_blocks_reused": 2, "kv_blocks_missed": 5, "requests_cached_tokens_unreported": 0,
+        "requests_running": 0,
     }
 
 
