@@ -213,6 +213,7 @@ def test_engine_info_reports_version_choice_and_kv_config_as_json(fake, executor
     assert (info["engine"], info["version"]) == ("tensorrt_llm", "1.2.1")
     assert info["kv_cache_config"] == {**PROFILE["kv_cache_config"], "enable_block_reuse": True}
     assert (info["max_seq_len"], info["max_num_tokens"], info["tensor_parallel_size"]) == (8192, 8192, 1)
+    assert info["attention_backend"] == "TRTLLM"
     assert "seed" in info["seeds"]
 
 

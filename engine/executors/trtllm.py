@@ -226,6 +226,7 @@ class TrtllmExecutor(BookedExecutor):
             "moe_backend_reason": moe.reason,
             "moe_backend_requested": (settings.trtllm.get("moe_config") or {}).get("backend"),
             "triton_kernels_importable": triton_kernels_available(),
+            "attention_backend": arguments.get("attn_backend", "TRTLLM"),  # TorchLlmArgs' default when unset
             "kv_cache_config": arguments["kv_cache_config"],
             **{key: arguments[key] for key in _REPORTED_KWARGS if key in arguments},
             "seeds": "refused above temperature 0: TensorRT-LLM 1.2's sampler ignores per-request seeds",
