@@ -1,119 +1,67 @@
 """The TensorRT-LLM executor's own plumbing, against the FAKE `tensorrt_llm` in tests/fake_tensorrt_llm.
 
-These tests check what the executor hands to the LLM API and what it makes of the answers: argument mapping, the
-MoE backend choice, streaming, cancellation, cached tokens, seeds, errors (the LLM API's own synchronous checks and
-its worker's asynchronous refusals), validation and stats. They say nothing about TensorRT-LLM itself;
-docs/trtllm.md lists where each TensorRT-LLM name was checked and how the GPU selftest exercises the real thing. A
-few tests pin the fake to the real behaviours it models (seeds ignored, `cached_tokens` only on the responses that
-carry it, worker refusals raised by the stream, abort answered "cancelled"), so the fake cannot drift back to
-hiding them.
+These tests check what the executor hands to the LLM API and what it makes of the answers: argument mapping,
+streaming, cancellation, cached tokens, errors (the LLM API's own synchronous checks and its worker's asynchronous
+refusals), validation and stats. They say nothing about TensorRT-LLM itself; docs/trtllm.md lists where each
+TensorRT-LLM name was checked and how the GPU selftest exercises the real thing.
 
-The fake is importable only inside the `fake` fixture: it prepends its directory to sys.path and removes every
-`tensorrt_llm` module afterwards, so no other test can import it, nor the real package, by accident.
+The fake is importable only inside the `fake` fixture (tests/trtllm_fake.py): it prepends its directory to sys.path
+and removes every `tensorrt_llm` module afterwards, so no other test can import it, nor the real package, by
+accident. What the executor chooses at load and refuses (MoE backend, engine_info(), seeds) is in
+test_trtllm_choices.py; the fake's own modelled behaviours are pinned in test_trtllm_fake.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib
-import json
 import logging
 import re
 import subprocess
 import sys
 import threading
-from dataclasses import fields, replace
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-from engine.checkpoint.config import preset_dict
-from engine.executors.base import GenerationChunk, GenerationRequest, RequestError, SamplingParams
-from engine.executors.moe_backends import triton_kernels_available
-from engine.executors.trtllm import SEED_REFUSAL, TrtllmExecutor, finish_reason
+from engine.executors.base import GenerationChunk, RequestError, SamplingParams
+from engine.executors.trtllm import TrtllmExecutor, finish_reason
 from engine.settings import EngineSettings, SettingsError
-from server.triton.client import GenerateRequest, TritonEndpoint
 from tests.conftest import REPO
-
-FAKE_DIR = Path(__file__).parent / "fake_tensorrt_llm"
-# A stand-in `triton_kernels` package, put on sys.path only where a test wants it importable.
-TRITON_KERNELS_DIR = FAKE_DIR / "vendored"
-RETURN, CALL = 200002, 200012
-PROMPT = tuple(range(1000, 1100))
-# The shape engine/gpu/profiles.py writes to engine.json for a GPU profile.
-PROFILE = {
-    "tensor_parallel_size": 1,
-    "moe_expert_parallel_size": 1,
-    "max_batch_size": 16,
-    "max_num_tokens": 8192,
-    "max_seq_len": 8192,
-    "enable_chunked_prefill": False,
-    "kv_cache_config": {"enable_block_reuse": True, "free_gpu_memory_fraction": 0.85, "dtype": "auto"},
-    "cuda_graph_config": {"batch_sizes": [1, 2, 4, 8, 16], "enable_padding": True},
-    "moe_config": {"backend": "TRITON"},
-}
-
-
-def _loaded_tensorrt_llm() -> list[str]:
-    return [name for name in sys.modules if name.split(".")[0] == "tensorrt_llm"]
+from tests.trtllm_fake import (
+    CALL,
+    FAKE_DIR,
+    PROFILE,
+    PROMPT,
+    RETURN,
+    USERS,
+    collect,
+    llm_of,
+    load_fake,
+    loaded_tensorrt_llm,
+    make_settings,
+    request,
+    script,
+    with_triton_kernels,
+    write_model_dir,
+)
 
 
 @pytest.fixture
-def fake(monkeypatch) -> ModuleType:
-    assert not _loaded_tensorrt_llm(), "some other test left a tensorrt_llm module imported"
-    monkeypatch.syspath_prepend(str(FAKE_DIR))
-    llmapi = importlib.import_module("tensorrt_llm.llmapi")
-    assert "FAKE" in llmapi.__doc__
-    yield llmapi
-    for name in _loaded_tensorrt_llm():
-        del sys.modules[name]
-
-
-@pytest.fixture
-def no_triton_kernels() -> None:
-    if triton_kernels_available():
-        pytest.skip("a real triton_kernels is installed here")
-
-
-@pytest.fixture
-def triton_kernels(monkeypatch) -> None:
-    monkeypatch.syspath_prepend(str(TRITON_KERNELS_DIR))
-    assert triton_kernels_available()
+def fake(monkeypatch) -> Iterator[ModuleType]:
+    yield from load_fake(monkeypatch)
 
 
 @pytest.fixture
 def model_dir(tmp_path) -> Path:
-    (tmp_path / "config.json").write_text(json.dumps(preset_dict("smoke")))
-    return tmp_path
-
-
-def make_settings(model_dir: Path, trtllm: dict | None = None, **extra) -> EngineSettings:
-    return EngineSettings("trtllm", str(model_dir), "test-fingerprint", trtllm=PROFILE if trtllm is None else trtllm,
-                          **extra)
+    return write_model_dir(tmp_path)
 
 
 @pytest.fixture
-def executor(fake, model_dir, triton_kernels) -> TrtllmExecutor:
+def executor(fake, model_dir, monkeypatch) -> TrtllmExecutor:
+    with_triton_kernels(monkeypatch)  # the profile's TRITON MoE backend then loads as named
     return TrtllmExecutor(make_settings(model_dir, max_context=8192))
-
-
-def llm_of(executor: TrtllmExecutor):
-    return executor._llm
-
-
-def request(request_id: str = "r1", **changes) -> GenerationRequest:
-    base = GenerationRequest(request_id, PROMPT, max_tokens=16, prefix_len=60, prefix_priority=90)
-    return replace(base, **changes)
-
-
-def script(llm, *steps) -> None:
-    """Every new request streams these steps."""
-    llm.script = lambda result: result.feed(*steps)
-
-
-async def collect(executor: TrtllmExecutor, req: GenerationRequest) -> list[GenerationChunk]:
-    return [chunk async for chunk in executor.generate(req)]
 
 
 # -- keeping TensorRT-LLM out of CPU code ---------------------------------------------------------------------------
@@ -127,12 +75,12 @@ def test_importing_the_serving_modules_does_not_import_tensorrt_llm():
 
 
 def test_no_other_test_module_imports_tensorrt_llm_or_the_fake():
-    pattern = re.compile(r"^\s*(import|from)\s+tensorrt_llm\b|fake_tensorrt_llm", re.MULTILINE)
+    pattern = re.compile(r"^\s*(import|from)\s+tensorrt_llm\b|fake_tensorrt_llm|trtllm_fake", re.MULTILINE)
     offenders = [path.name for path in Path(__file__).parent.glob("*.py")
-                 if path.name != Path(__file__).name and pattern.search(path.read_text())]
+                 if path.name not in USERS and pattern.search(path.read_text())]
     assert offenders == []
     assert str(FAKE_DIR) not in sys.path
-    assert not _loaded_tensorrt_llm()
+    assert not loaded_tensorrt_llm()
 
 
 # -- LLM() arguments --------------------------------------------------------------------------------------------
@@ -184,54 +132,6 @@ def test_a_misspelt_config_key_fails_at_load(fake, model_dir):
 def test_only_the_trtllm_executor_settings_are_accepted(fake, model_dir):
     with pytest.raises(SettingsError, match="trtllm"):
         TrtllmExecutor(EngineSettings("reference", str(model_dir), "test-fingerprint"))
-
-
-# -- the MoE backend and engine_info() -------------------------------------------------------------------------------
-
-
-def test_triton_moe_without_triton_kernels_loads_cutlass_and_says_why(fake, model_dir, no_triton_kernels, caplog):
-    with caplog.at_level(logging.WARNING, logger="engine.executors.trtllm"):
-        executor = TrtllmExecutor(make_settings(model_dir))
-    assert llm_of(executor).kwargs["moe_config"] == fake.MoeConfig(backend="CUTLASS")
-    info = executor.engine_info()
-    assert (info["moe_backend"], info["moe_backend_requested"], info["triton_kernels_importable"]) == (
-        "CUTLASS", "TRITON", False)
-    assert "triton_kernels" in info["moe_backend_reason"] and "CUTLASS" in info["moe_backend_reason"]
-    assert any("MoE backend" in r.message and "triton_kernels" in r.message for r in caplog.records)
-
-
-def test_triton_moe_is_kept_where_triton_kernels_is_importable(fake, executor, caplog):
-    assert llm_of(executor).kwargs["moe_config"] == fake.MoeConfig(backend="TRITON")
-    info = executor.engine_info()
-    assert (info["moe_backend"], info["triton_kernels_importable"]) == ("TRITON", True)
-    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
-
-
-def test_engine_info_reports_version_choice_and_kv_config_as_json(fake, executor):
-    info = executor.engine_info()
-    assert json.loads(json.dumps(info)) == info
-    assert (info["engine"], info["version"]) == ("tensorrt_llm", "1.2.1")
-    assert info["kv_cache_config"] == {**PROFILE["kv_cache_config"], "enable_block_reuse": True}
-    assert (info["max_seq_len"], info["max_num_tokens"], info["tensor_parallel_size"]) == (8192, 8192, 1)
-    assert info["attention_backend"] == "TRTLLM"
-    assert "seed" in info["seeds"]
-
-
-def test_a_profile_without_moe_config_keeps_tensorrt_llms_default(fake, model_dir):
-    trtllm = {key: value for key, value in PROFILE.items() if key != "moe_config"}
-    executor = TrtllmExecutor(make_settings(model_dir, trtllm))
-    assert "moe_config" not in llm_of(executor).kwargs
-    info = executor.engine_info()
-    assert (info["moe_backend"], info["moe_backend_requested"]) == ("CUTLASS", None)
-    assert "default" in info["moe_backend_reason"]
-
-
-def test_a_version_outside_1_2_is_loaded_with_a_warning(fake, model_dir, monkeypatch, caplog):
-    monkeypatch.setattr(sys.modules["tensorrt_llm"], "__version__", "1.3.0rc4")
-    with caplog.at_level(logging.WARNING, logger="engine.executors.trtllm"):
-        executor = TrtllmExecutor(make_settings(model_dir))
-    assert executor.engine_info()["version"] == "1.3.0rc4"
-    assert any("1.3.0rc4" in r.message and "1.2." in r.message for r in caplog.records)
 
 
 # -- generate_async() arguments -----------------------------------------------------------------------------------
@@ -460,139 +360,6 @@ def test_a_refusal_by_the_llm_apis_own_checks_ends_with_error(fake, executor):
     [chunk] = asyncio.run(collect(executor, request()))
     assert chunk == GenerationChunk((), 0, "error", "TensorRT-LLM refused the request: LLM is shutting down")
     assert executor.stats()["finished_error"] == 1
-
-
-# -- the fake models TensorRT-LLM's behaviour --------------------------------------------------------------------
-
-
-def _fake_llm(fake, **kwargs):
-    return fake.LLM("/model", skip_tokenizer_init=True, max_seq_len=64, **kwargs)
-
-
-async def _read(result) -> list[object]:
-    return [(list(r.outputs[0].token_ids), r.cached_tokens, r.outputs[0].finish_reason) async for r in result]
-
-
-def test_the_fakes_worker_refuses_asynchronously_unless_single_process(fake):
-    async def run(llm, prompt, max_tokens):
-        result = llm.generate_async(prompt, fake.SamplingParams(end_id=2, max_tokens=max_tokens), streaming=True)
-        with pytest.raises(fake.RequestError, match="mMaxNewTokens > 0"):
-            await anext(result)
-        assert result.finished
-
-    llm = _fake_llm(fake)
-    asyncio.run(run(llm, [1, 2, 3], 0))
-    asyncio.run(run(llm, [1] * 64, 8))  # max_tokens is capped to what fits under max_seq_len: nothing does
-    llm.single_process = True
-
-    async def synchronous():
-        with pytest.raises(fake.RequestError, match="mMaxNewTokens > 0"):
-            llm.generate_async([1, 2, 3], fake.SamplingParams(end_id=2, max_tokens=0), streaming=True)
-
-    asyncio.run(synchronous())
-
-
-def test_the_fakes_llm_api_checks_stay_synchronous(fake):
-    llm = _fake_llm(fake, max_num_tokens=4)
-
-    async def run():
-        with pytest.raises(ValueError, match="end_id"):
-            llm.generate_async([1], fake.SamplingParams(max_tokens=1))
-        with pytest.raises(ValueError, match="max_num_tokens"):
-            llm.generate_async([1] * 5, fake.SamplingParams(end_id=2, max_tokens=1))
-        llm.shutdown()
-        with pytest.raises(RuntimeError, match="shutting down"):
-            llm.generate_async([1], fake.SamplingParams(end_id=2, max_tokens=1))
-
-    asyncio.run(run())
-
-
-def test_the_fakes_cached_tokens_live_only_on_the_responses_that_carry_them(fake):
-    llm = _fake_llm(fake)
-    llm.script = lambda result: result.feed(fake.Step([1], cached_tokens=16), fake.Step([2], "length"))
-
-    async def run():
-        return await _read(llm.generate_async([1, 2], fake.SamplingParams(end_id=2, max_tokens=2), streaming=True))
-
-    assert asyncio.run(run()) == [([1], 16, None), ([1, 2], 0, "length")]
-
-
-def test_the_fakes_abort_is_answered_by_a_final_cancelled_response(fake):
-    llm = _fake_llm(fake)
-    llm.script = lambda result: result.feed(fake.Step([1], cached_tokens=16))
-
-    async def run():
-        result = llm.generate_async([1, 2], fake.SamplingParams(end_id=2, max_tokens=8), streaming=True)
-        first = await anext(result)
-        assert not first.finished
-        result.abort()
-        return await _read(result)
-
-    assert asyncio.run(run()) == [([1], 0, "cancelled")]
-
-
-def test_the_fake_ignores_seeds_as_tensorrt_llms_sampler_does(fake):
-    """TorchSampler draws every sampled token from one generator for the whole engine: the same seed on two requests
-    gives different tokens, and greedy decoding repeats whatever the seed."""
-    llm = _fake_llm(fake)
-
-    async def tokens(**params) -> list[int]:
-        result = llm.generate_async([5, 6, 7], fake.SamplingParams(end_id=2, max_tokens=8, **params), streaming=True)
-        return (await _read(result))[-1][0]
-
-    async def run():
-        return ([await tokens(temperature=1.0, seed=7) for _ in range(2)],
-                [await tokens(temperature=0.0, seed=seed) for seed in (1, 2)])
-
-    sampled, greedy = asyncio.run(run())
-    assert sampled[0] != sampled[1]
-    assert greedy[0] == greedy[1]
-
-
-# -- seeds --------------------------------------------------------------------------------------------------------
-
-
-def test_a_seeded_sampled_request_is_refused_with_a_clear_message(executor):
-    req = request(sampling=SamplingParams(temperature=0.8, seed=1234))
-    with pytest.raises(RequestError) as refused:
-        executor.generate(req)
-    assert str(refused.value) == SEED_REFUSAL
-    assert "ignores per-request seeds" in SEED_REFUSAL and "temperature 0" in SEED_REFUSAL
-    assert llm_of(executor).requests == []
-
-
-def test_a_greedy_request_may_carry_a_seed_which_is_not_passed_on(fake, executor):
-    script(llm_of(executor), fake.Step([RETURN], "stop"))
-    chunks = asyncio.run(collect(executor, request(sampling=SamplingParams(temperature=0.0, seed=99))))
-    assert chunks[-1].finish_reason == "stop"
-    assert llm_of(executor).requests[0].sampling_params.seed is None
-
-
-def test_sampling_without_a_seed_differs_from_request_to_request(fake, executor):
-    """What temperature > 0 does in TensorRT-LLM 1.2, as the fake models it: not repeatable across requests."""
-    sampled = request(max_tokens=8, sampling=SamplingParams(temperature=1.0))
-
-    async def tokens() -> list[int]:
-        return [t for chunk in await collect(executor, sampled) for t in chunk.token_ids]
-
-    first, second = asyncio.run(tokens()), asyncio.run(tokens())
-    assert len(first) == len(second) == 8 and first != second
-
-
-def test_the_front_end_never_sends_a_seed_or_a_temperature():
-    """Classification and prefix warm-up are greedy: the Triton client has no field for a seed or a temperature and
-    sends only these four inputs, so the refusal above is never met in normal service."""
-    assert {f.name for f in fields(GenerateRequest)} == {"input_ids", "max_tokens", "prefix_len", "prefix_priority",
-                                                          "request_id"}
-
-    async def encoded() -> list[str]:
-        endpoint = TritonEndpoint("127.0.0.1:1", "safeguard")
-        try:
-            return [i.name for i in endpoint._encode(GenerateRequest([1, 2, 3], 5, 2, 80)).inputs]
-        finally:
-            await endpoint.close()
-
-    assert asyncio.run(encoded()) == ["input_ids", "max_tokens", "prefix_len", "prefix_priority"]
 
 
 @pytest.mark.parametrize(("changes", "message"), [
