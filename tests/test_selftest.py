@@ -71,6 +71,8 @@ def test_selftest_passes_prints_the_table_and_records_it(repo: Path, smoke: Path
     assert results["load_seconds"] > 0 and results["memory"]["after_load"]["host_peak_rss_bytes"] > 0
     assert "cuda_devices" not in results["memory"]["after_load"]  # the CPU reference executor reads no GPU
     assert results["engine_info"] == {}  # the reference executor chooses nothing
+    stats = results["executor_stats"]
+    assert stats["requests_finished"] > len(CHECKS) and stats["requests_running"] == 0
     assert not [line for line in lines if line.startswith("  engine:")]
     assert results["engine_settings_sha256"] == recorded["inputs"]["engine_settings_sha256"]
     assert not [name for name in sys.modules if name.split(".")[0] == "tensorrt_llm"]
@@ -123,7 +125,8 @@ def test_an_executor_that_does_not_load_is_a_recorded_failure(repo: Path, monkey
     results = json.loads(result.stdout)
     assert (results["status"], results["failures"]) == ("failed", ["load"])
     assert results["load_error"] == "RuntimeError: CUDA out of memory"
-    assert results["smoke"] is None and results["checks"] == [] and results["engine_info"] == {}
+    assert results["smoke"] is None and results["checks"] == []
+    assert results["engine_info"] == {} and results["executor_stats"] == {}
     assert manifest(repo)["status"] == "failed"
 
 

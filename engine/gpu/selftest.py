@@ -10,7 +10,8 @@ against a built repository's engine.json. In order:
     2. one smoke generation of a real classification prompt (harmony, with the vocabulary from the model directory,
        so nothing is downloaded);
     3. the executor conformance suite (`engine.executors.conformance`) on prompts that share one policy prefix;
-    4. memory after loading and after the checks.
+    4. memory after loading and after the checks, and the executor's `stats()` after the checks
+       (`executor_stats`).
 
 A load that fails is a result too (the report carries the error), because on a GPU host that is the answer the
 selftest exists to give: an A100 without SM80 kernels, say. The reference executor caches exact prefixes; TensorRT-LLM
@@ -108,6 +109,7 @@ class SelftestReport:
     checks: tuple[CheckResult, ...]
     memory: dict[str, Any]  # "after_load" and "after_checks" snapshots
     engine_info: dict[str, Any] = field(default_factory=dict)  # Executor.engine_info(); empty when not loaded
+    executor_stats: dict[str, float] = field(default_factory=dict)  # Executor.stats() after the checks
 
     @property
     def passed(self) -> bool:
@@ -144,6 +146,7 @@ class SelftestReport:
             "checks": [{**asdict(check), "seconds": round(check.seconds, 3)} for check in self.checks],
             "memory": self.memory,
             "engine_info": self.engine_info,
+            "executor_stats": self.executor_stats,
         }
 
 
@@ -173,9 +176,10 @@ def run_selftest(settings: EngineSettings, policy_text: str = DEFAULT_POLICY, *,
     load_seconds = time.perf_counter() - loading
     after_load = memory_snapshot(cuda)
     info = engine_info(executor)
-    smoke, checks = asyncio.run(_exercise(executor, suite, encoding))
+    smoke, checks, stats = asyncio.run(_exercise(executor, suite, encoding))
     return report(load_seconds=load_seconds, load_error=None, smoke=smoke, checks=tuple(checks),
-                  memory={"after_load": after_load, "after_checks": memory_snapshot(cuda)}, engine_info=info)
+                  memory={"after_load": after_load, "after_checks": memory_snapshot(cuda)}, engine_info=info,
+                  executor_stats=stats)
 
 
 def engine_info(executor: Executor) -> dict[str, Any]:
@@ -187,10 +191,14 @@ def engine_info(executor: Executor) -> dict[str, Any]:
         return {"error": f"{type(exc).__name__}: {exc}"}
 
 
-async def _exercise(executor: Executor, suite: SuiteConfig, encoding: Any) -> tuple[SmokeResult, list[CheckResult]]:
+async def _exercise(executor: Executor, suite: SuiteConfig, encoding: Any
+                    ) -> tuple[SmokeResult, list[CheckResult], dict[str, float]]:
+    """The smoke generation, the suite, and the executor's counters after both (e.g. TensorRT-LLM's
+    `requests_cached_tokens_unreported`, which should stay 0)."""
     try:
         smoke = await smoke_generation(executor, suite.prompts[0], suite.prefix_len, encoding)
-        return smoke, await run_suite(executor, suite)
+        checks = await run_suite(executor, suite)
+        return smoke, checks, dict(executor.stats())
     finally:
         await executor.close()
 
