@@ -70,6 +70,10 @@ def test_selftest_passes_prints_the_table_and_records_it(repo: Path, smoke: Path
     assert results["smoke"]["passed"] and 0 < results["smoke"]["tokens"] <= selftest.SMOKE_MAX_TOKENS
     assert results["load_seconds"] > 0 and results["memory"]["after_load"]["host_peak_rss_bytes"] > 0
     assert "cuda_devices" not in results["memory"]["after_load"]  # the CPU reference executor reads no GPU
+    assert results["engine_info"] == {}  # the reference executor chooses nothing
+    stats = results["executor_stats"]
+    assert stats["requests_finished"] > len(CHECKS) and stats["requests_running"] == 0
+    assert not [line for line in lines if line.startswith("  engine:")]
     assert results["engine_settings_sha256"] == recorded["inputs"]["engine_settings_sha256"]
     assert not [name for name in sys.modules if name.split(".")[0] == "tensorrt_llm"]
 
@@ -100,6 +104,17 @@ def test_a_failing_check_fails_the_selftest(repo: Path, monkeypatch: pytest.Monk
     assert recorded["remaining"] == [f"appliance selftest --repo {repo}"]
 
 
+def test_engine_info_that_fails_is_noted_not_fatal() -> None:
+    class Broken(ReferenceExecutor):
+        def __init__(self) -> None:  # never loaded: only engine_info() is asked
+            pass
+
+        def engine_info(self) -> dict[str, object]:
+            raise RuntimeError("no version attribute")
+
+    assert selftest.engine_info(Broken()) == {"error": "RuntimeError: no version attribute"}
+
+
 def test_an_executor_that_does_not_load_is_a_recorded_failure(repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(settings: object) -> None:
         raise RuntimeError("CUDA out of memory")
@@ -111,6 +126,7 @@ def test_an_executor_that_does_not_load_is_a_recorded_failure(repo: Path, monkey
     assert (results["status"], results["failures"]) == ("failed", ["load"])
     assert results["load_error"] == "RuntimeError: CUDA out of memory"
     assert results["smoke"] is None and results["checks"] == []
+    assert results["engine_info"] == {} and results["executor_stats"] == {}
     assert manifest(repo)["status"] == "failed"
 
 
@@ -123,20 +139,31 @@ def test_a_planned_gpu_repository_is_verified_by_the_selftest(smoke: Path, tmp_p
     build(BuildOptions(model_dir=smoke, out=out, target="h200"))
     assert manifest(out)["remaining"] == [f"appliance selftest --repo {out}"]
 
+    info = {"engine": "tensorrt_llm", "version": "1.2.1", "moe_backend": "CUTLASS",  # TrtllmExecutor's shape
+            "moe_backend_reason": "CUTLASS: the profile prefers TRITON, but `triton_kernels` is not installed",
+            "kv_cache_config": {"enable_block_reuse": True, "free_gpu_memory_fraction": 0.85}}
+
+    class StandIn(ReferenceExecutor):
+        def engine_info(self) -> dict[str, object]:
+            return dict(info)
+
     def reference(settings: EngineSettings) -> ReferenceExecutor:
-        return ReferenceExecutor(replace(settings, executor="reference", device="cpu", dtype="float32",
-                                         max_concurrency=2, prefix_cache_bytes=64 << 20))
+        return StandIn(replace(settings, executor="reference", device="cpu", dtype="float32", max_concurrency=2,
+                               prefix_cache_bytes=64 << 20))
 
     monkeypatch.setattr(selftest, "create_executor", reference)
     result = run("selftest", "--repo", out)
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert lines[0].startswith(f"selftest of {smoke} (trtllm executor, cuda): PASSED in ")
-    assert lines[-2].startswith("  profile h200x1-tp1-ep1-mxfp4-trtllm predicted per GPU: 0.1 GB weights + "
-                                "2.4 GB reserve + ")
+    [engine_line] = [line for line in lines if line.startswith("  engine:")]
+    assert engine_line == ("  engine: tensorrt_llm 1.2.1; MoE backend CUTLASS (CUTLASS: the profile prefers TRITON, "
+                           "but `triton_kernels` is not installed)")
+    assert lines[-2].startswith("  profile h200x1-tp1-ep1-mxfp4-trtllm predicted per GPU: 0.1 GB weights + 2.4 GB reserve + ")
     recorded = manifest(out)
     assert (recorded["status"], recorded["remaining"]) == ("verified", [])
     assert recorded["selftest"]["memory"]["after_load"]["cuda_devices"] == []  # none here; one per GPU on the host
+    assert recorded["selftest"]["engine_info"] == info
 
 
 def test_a_dry_run_repository_is_refused(tmp_path: Path) -> None:

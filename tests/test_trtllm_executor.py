@@ -1,98 +1,67 @@
 """The TensorRT-LLM executor's own plumbing, against the FAKE `tensorrt_llm` in tests/fake_tensorrt_llm.
 
 These tests check what the executor hands to the LLM API and what it makes of the answers: argument mapping,
-streaming, cancellation, cached tokens, errors, validation and stats. They say nothing about TensorRT-LLM itself;
-docs/trtllm.md lists where each TensorRT-LLM name was checked and how the GPU selftest exercises the real thing.
+streaming, cancellation, cached tokens, errors (the LLM API's own synchronous checks and its worker's asynchronous
+refusals), validation and stats. They say nothing about TensorRT-LLM itself; docs/trtllm.md lists where each
+TensorRT-LLM name was checked and how the GPU selftest exercises the real thing.
 
-The fake is importable only inside the `fake` fixture: it prepends its directory to sys.path and removes every
-`tensorrt_llm` module afterwards, so no other test can import it, nor the real package, by accident.
+The fake is importable only inside the `fake` fixture (tests/trtllm_fake.py): it prepends its directory to sys.path
+and removes every `tensorrt_llm` module afterwards, so no other test can import it, nor the real package, by
+accident. What the executor chooses at load and refuses (MoE backend, engine_info(), seeds) is in
+test_trtllm_choices.py; the fake's own modelled behaviours are pinned in test_trtllm_fake.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib
-import json
+import logging
 import re
 import subprocess
 import sys
 import threading
-from dataclasses import replace
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-from engine.checkpoint.config import preset_dict
-from engine.executors.base import GenerationChunk, GenerationRequest, RequestError, SamplingParams
+from engine.executors.base import GenerationChunk, RequestError, SamplingParams
 from engine.executors.trtllm import TrtllmExecutor, finish_reason
 from engine.settings import EngineSettings, SettingsError
 from tests.conftest import REPO
-
-FAKE_DIR = Path(__file__).parent / "fake_tensorrt_llm"
-RETURN, CALL = 200002, 200012
-PROMPT = tuple(range(1000, 1100))
-# The shape engine/gpu/profiles.py writes to engine.json for a GPU profile.
-PROFILE = {
-    "tensor_parallel_size": 1,
-    "moe_expert_parallel_size": 1,
-    "max_batch_size": 16,
-    "max_num_tokens": 8192,
-    "max_seq_len": 8192,
-    "enable_chunked_prefill": False,
-    "kv_cache_config": {"enable_block_reuse": True, "free_gpu_memory_fraction": 0.85, "dtype": "auto"},
-    "cuda_graph_config": {"batch_sizes": [1, 2, 4, 8, 16], "enable_padding": True},
-    "moe_config": {"backend": "TRITON"},
-}
-
-
-def _loaded_tensorrt_llm() -> list[str]:
-    return [name for name in sys.modules if name.split(".")[0] == "tensorrt_llm"]
+from tests.trtllm_fake import (
+    CALL,
+    FAKE_DIR,
+    PROFILE,
+    PROMPT,
+    RETURN,
+    USERS,
+    collect,
+    llm_of,
+    load_fake,
+    loaded_tensorrt_llm,
+    make_settings,
+    request,
+    script,
+    with_triton_kernels,
+    write_model_dir,
+)
 
 
 @pytest.fixture
-def fake(monkeypatch) -> ModuleType:
-    assert not _loaded_tensorrt_llm(), "some other test left a tensorrt_llm module imported"
-    monkeypatch.syspath_prepend(str(FAKE_DIR))
-    llmapi = importlib.import_module("tensorrt_llm.llmapi")
-    assert "FAKE" in llmapi.__doc__
-    yield llmapi
-    for name in _loaded_tensorrt_llm():
-        del sys.modules[name]
+def fake(monkeypatch) -> Iterator[ModuleType]:
+    yield from load_fake(monkeypatch)
 
 
 @pytest.fixture
 def model_dir(tmp_path) -> Path:
-    (tmp_path / "config.json").write_text(json.dumps(preset_dict("smoke")))
-    return tmp_path
-
-
-def make_settings(model_dir: Path, trtllm: dict | None = None, **extra) -> EngineSettings:
-    return EngineSettings("trtllm", str(model_dir), "test-fingerprint", trtllm=PROFILE if trtllm is None else trtllm,
-                          **extra)
+    return write_model_dir(tmp_path)
 
 
 @pytest.fixture
-def executor(fake, model_dir) -> TrtllmExecutor:
+def executor(fake, model_dir, monkeypatch) -> TrtllmExecutor:
+    with_triton_kernels(monkeypatch)  # the profile's TRITON MoE backend then loads as named
     return TrtllmExecutor(make_settings(model_dir, max_context=8192))
-
-
-def llm_of(executor: TrtllmExecutor):
-    return executor._llm
-
-
-def request(request_id: str = "r1", **changes) -> GenerationRequest:
-    base = GenerationRequest(request_id, PROMPT, max_tokens=16, prefix_len=60, prefix_priority=90)
-    return replace(base, **changes)
-
-
-def script(llm, *steps) -> None:
-    """Every new request streams these steps."""
-    llm.script = lambda result: result.feed(*steps)
-
-
-async def collect(executor: TrtllmExecutor, req: GenerationRequest) -> list[GenerationChunk]:
-    return [chunk async for chunk in executor.generate(req)]
 
 
 # -- keeping TensorRT-LLM out of CPU code ---------------------------------------------------------------------------
@@ -107,12 +76,12 @@ def test_importing_the_serving_modules_does_not_import_tensorrt_llm():
 
 
 def test_no_other_test_module_imports_tensorrt_llm_or_the_fake():
-    pattern = re.compile(r"^\s*(import|from)\s+tensorrt_llm\b|fake_tensorrt_llm", re.MULTILINE)
+    pattern = re.compile(r"^\s*(import|from)\s+tensorrt_llm\b|fake_tensorrt_llm|trtllm_fake", re.MULTILINE)
     offenders = [path.name for path in Path(__file__).parent.glob("*.py")
-                 if path.name != Path(__file__).name and pattern.search(path.read_text())]
+                 if path.name not in USERS and pattern.search(path.read_text())]
     assert offenders == []
     assert str(FAKE_DIR) not in sys.path
-    assert not _loaded_tensorrt_llm()
+    assert not loaded_tensorrt_llm()
 
 
 # -- LLM() arguments --------------------------------------------------------------------------------------------
@@ -172,13 +141,13 @@ def test_only_the_trtllm_executor_settings_are_accepted(fake, model_dir):
 def test_generate_async_gets_token_ids_sampling_and_the_prefix_retention(fake, executor):
     llm = llm_of(executor)
     script(llm, fake.Step([RETURN], "stop"))
-    req = request(sampling=SamplingParams(temperature=0.7, seed=11, stop_token_ids=(RETURN, CALL)))
+    req = request(sampling=SamplingParams(temperature=0.7, stop_token_ids=(RETURN, CALL)))
     asyncio.run(collect(executor, req))
     (result,) = llm.requests
     assert result.prompt_token_ids == list(PROMPT)
     assert result.streaming is True
     params = result.sampling_params
-    assert (params.max_tokens, params.temperature, params.seed) == (16, 0.7, 11)
+    assert (params.max_tokens, params.temperature, params.seed) == (16, 0.7, None)
     assert params.stop_token_ids == [RETURN, CALL]
     assert params.include_stop_str_in_output is True  # the stop token stays in the output, as in the reference
     assert (params.end_id, params.pad_id, params.ignore_eos) == (200002, 199999, True)
@@ -205,10 +174,40 @@ def test_no_prefix_means_no_retention_config(fake, executor):
 
 
 def test_streamed_deltas_become_chunks_with_cached_tokens_first_and_the_stop_token_last(fake, executor):
-    script(llm_of(executor), fake.Step([1, 2], cached_tokens=64), fake.Step([3], cached_tokens=64),
-           fake.Step([RETURN], "stop", cached_tokens=64))
+    script(llm_of(executor), fake.Step([1, 2], cached_tokens=64), fake.Step([3]), fake.Step([RETURN], "stop"))
     chunks = asyncio.run(collect(executor, request()))
     assert chunks == [GenerationChunk((1, 2), 64), GenerationChunk((3,)), GenerationChunk((RETURN,), None, "stop")]
+
+
+def test_a_later_response_without_cached_tokens_does_not_reset_the_figure(fake, executor):
+    """TensorRT-LLM reads `cached_tokens` afresh on every response (0 when a response lacks it): the first figure
+    stands, in the stream and in the counters."""
+    script(llm_of(executor), fake.Step([1], cached_tokens=64), fake.Step([2], cached_tokens=64), fake.Step([3]),
+           fake.Step([RETURN], "stop", reused_blocks=2))
+    chunks = asyncio.run(collect(executor, request()))
+    assert chunks[0].cached_tokens == 64 and llm_of(executor).requests[0].cached_tokens == 0
+    stats = executor.stats()
+    assert (stats["prompt_tokens_cached"], stats["prompt_tokens_computed"]) == (64, 36)
+    assert stats["requests_cached_tokens_unreported"] == 0
+
+
+def test_a_figure_first_carried_by_a_later_response_still_counts(fake, executor):
+    """The first chunk has gone out with 0 by then (a chunk cannot be taken back); the counters get the figure."""
+    script(llm_of(executor), fake.Step([1]), fake.Step([2], cached_tokens=32), fake.Step([RETURN], "stop"))
+    chunks = asyncio.run(collect(executor, request()))
+    assert chunks[0] == GenerationChunk((1,), 0)
+    assert executor.stats()["prompt_tokens_cached"] == 32
+
+
+def test_reused_blocks_without_cached_tokens_are_counted_and_logged(fake, executor, caplog):
+    script(llm_of(executor), fake.Step([1]), fake.Step([RETURN], "stop", reused_blocks=3, missed_blocks=1))
+    with caplog.at_level(logging.WARNING, logger="engine.executors.trtllm"):
+        chunks = asyncio.run(collect(executor, request()))
+    assert chunks[0].cached_tokens == 0  # as TensorRT-LLM reported it: the blocks figure is no token count
+    stats = executor.stats()
+    assert (stats["requests_cached_tokens_unreported"], stats["kv_blocks_reused"]) == (1, 3)
+    assert stats["prompt_tokens_cached"] == 0
+    assert any("reused 3 KV blocks" in r.message and "r1" in r.message for r in caplog.records)
 
 
 def test_a_single_final_response_carries_everything(fake, executor):
@@ -273,6 +272,8 @@ def test_cancel_from_another_thread_aborts_and_ends_the_stream_cancelled(fake, e
 
 
 def test_cancel_before_any_output_still_answers_cached_tokens_first(fake, executor):
+    llm_of(executor).script = lambda result: None  # TensorRT-LLM has not answered yet
+
     async def run():
         stream = executor.generate(request())
         reader = asyncio.ensure_future(anext(stream))
@@ -338,15 +339,28 @@ def test_a_failure_inside_tensorrt_llm_ends_the_stream_with_error(fake, executor
     assert executor.stats()["finished_error"] == 1
 
 
-def test_a_request_tensorrt_llm_refuses_ends_with_error_and_the_executor_lives_on(fake, executor):
-    def refuse(result):
-        raise fake.RequestError("no free KV blocks")
-
-    llm_of(executor).script = refuse
+@pytest.mark.parametrize("single_process", [False, True], ids=["worker process", "single process"])
+def test_a_request_the_worker_refuses_ends_with_error_and_the_executor_lives_on(fake, executor, single_process):
+    """In its own process (the default) the worker's refusal arrives as the stream's first read raising; with
+    TLLM_WORKER_USE_SINGLE_PROCESS it raises from generate_async. The stream ends the same way either way."""
+    llm = llm_of(executor)
+    llm.single_process = single_process
+    llm.worker_check = lambda inputs, params: "no free KV blocks"
     [chunk] = asyncio.run(collect(executor, request()))
-    assert chunk.finish_reason == "error" and "no free KV blocks" in chunk.error
-    script(llm_of(executor), fake.Step([RETURN], "stop"))
+    assert chunk.finish_reason == "error" and chunk.error == "TensorRT-LLM refused the request: no free KV blocks"
+    assert chunk.cached_tokens == 0
+    stats = executor.stats()
+    assert (stats["finished_error"], stats["requests_running"]) == (1, 0)
+    llm.worker_check = None
+    script(llm, fake.Step([RETURN], "stop"))
     assert asyncio.run(collect(executor, request()))[-1].finish_reason == "stop"
+
+
+def test_a_refusal_by_the_llm_apis_own_checks_ends_with_error(fake, executor):
+    llm_of(executor).shutdown()  # as after a worker crash: generate_async itself refuses, synchronously
+    [chunk] = asyncio.run(collect(executor, request()))
+    assert chunk == GenerationChunk((), 0, "error", "TensorRT-LLM refused the request: LLM is shutting down")
+    assert executor.stats()["finished_error"] == 1
 
 
 @pytest.mark.parametrize(("changes", "message"), [
@@ -381,7 +395,7 @@ def test_a_prompt_over_max_num_tokens_is_refused_without_chunked_prefill(fake, m
 
 def test_stats_count_tokens_finishes_and_kv_blocks(fake, executor):
     llm = llm_of(executor)
-    script(llm, fake.Step([1, 2]), fake.Step([RETURN], "stop", cached_tokens=64, reused_blocks=2, missed_blocks=1))
+    script(llm, fake.Step([1, 2], cached_tokens=64), fake.Step([RETURN], "stop", reused_blocks=2, missed_blocks=1))
     asyncio.run(collect(executor, request()))
     script(llm, fake.Step([5], "length", cached_tokens=0, missed_blocks=4))
     asyncio.run(collect(executor, request("r2", max_tokens=1)))
@@ -389,7 +403,8 @@ def test_stats_count_tokens_finishes_and_kv_blocks(fake, executor):
     assert stats == {
         "requests_finished": 2, "finished_stop": 1, "finished_length": 1, "finished_cancelled": 0,
         "finished_error": 0, "prompt_tokens": 200, "prompt_tokens_cached": 64, "prompt_tokens_computed": 136,
-        "generated_tokens": 4, "kv_blocks_reused": 2, "kv_blocks_missed": 5, "requests_running": 0,
+        "generated_tokens": 4, "kv_blocks_reused": 2, "kv_blocks_missed": 5, "requests_cached_tokens_unreported": 0,
+        "requests_running": 0,
     }
 
 

@@ -4,9 +4,14 @@
 #
 #   docker build -f build_scripts/containers/gpu.Dockerfile -t safeguard-appliance:gpu .
 #
-# 25.12 is the Triton release whose TensorRT-LLM backend image pins TensorRT-LLM 1.2.1 (tensorrtllm_backend's
-# Dockerfile at release/1.2.1; TensorRT-LLM 1.2 release notes name the 25.12 base images).
-FROM nvcr.io/nvidia/tritonserver:25.12-trtllm-python-py3
+# Why 26.07: in NVIDIA's Triton compatibility matrix (docs/introduction/compatibility.md, "Container Name:
+# trtllm-python-py3") the 26.04, 26.05, 26.06 and 26.07 rows carry TensorRT-LLM 1.2.1 (26.03: 1.2.0; 25.12 to
+# 26.02: 1.1.0), and tensorrtllm_backend's dockerfile/Dockerfile.triton.trt_llm_backend pins TENSORRTLLM_VER=1.2.1
+# on its r26.04 to r26.07 branches. 26.07 is the newest of those rows: the matrix lists no trtllm image after it,
+# and the 26.11 release notes say that release ships none. docs/trtllm.md ("Building the GPU image") says how to
+# check a base image; the version check below repeats it in the build, because release notes have named the wrong
+# TensorRT-LLM before.
+FROM nvcr.io/nvidia/tritonserver:26.07-trtllm-python-py3
 
 # APPLIANCE_STATE_DIR: the one state directory (policy registry, audit log) of `serve`, `policy` and `audit`.
 ENV APPLIANCE_CACHE_DIR=/opt/safeguard/cache \
@@ -33,6 +38,8 @@ RUN python3 -m pip install --no-deps . \
       "grpcio-health-checking==1.81.1" "grpcio-reflection==1.81.1" \
  && python3 -c "import tensorrt_llm, sys; print('tensorrt_llm', tensorrt_llm.__version__); \
 sys.exit(0 if tensorrt_llm.__version__.startswith('1.2.') else 'expected TensorRT-LLM 1.2.x')" \
+ && python3 -c "from engine.executors.moe_backends import triton_kernels_available as a; \
+print('triton_kernels importable:', a(), '(without it a TRITON MoE profile loads CUTLASS)')" \
  && python3 -c "from classification.vocab import ensure_encodings_base; print(ensure_encodings_base())"
 
 EXPOSE 50151 9464

@@ -8,6 +8,8 @@ How a `GenerationRequest` maps onto the LLM API:
 - `LLM(model=model_dir, skip_tokenizer_init=True, **settings.trtllm)`: the build's GPU profile supplies the rest
   (parallelism, batch and token limits, `kv_cache_config`, `cuda_graph_config`, `moe_config`); the dicts become
   TensorRT-LLM config objects here, so a misspelt key fails at load, and block reuse is required to be on.
+- `moe_config.backend` goes through `engine.executors.moe_backends.choose_moe_backend` first: a TRITON the host
+  cannot load (no `triton_kernels`) becomes CUTLASS, with a warning; `engine_info()` names the choice and why.
 - `generate_async(prompt_token_ids, SamplingParams(...), streaming=True, kv_cache_retention_config=...)` with a
   token range `[0, prefix_len)` at `prefix_priority`.
 - Stopping is left to `stop_token_ids` alone (`ignore_eos=True`), with `include_stop_str_in_output=True`, so the
@@ -15,8 +17,16 @@ How a `GenerationRequest` maps onto the LLM API:
   there is no tokenizer to take them from; they are the model's own ids from config.json.
 - `max_tokens == 0` (prefill-only): TensorRT-LLM refuses a request that generates nothing, so one token is asked
   for and dropped; the answer is one empty final chunk, finish reason "length", as in the reference executor.
+- A seed with `temperature > 0` is refused (`RequestError`): TensorRT-LLM 1.2's default sampler ignores
+  per-request seeds, so the seeded sample would not repeat. Greedy requests (the front end's only kind) may carry
+  one; greedy decoding ignores it everywhere.
 - `cached_tokens` is `RequestOutput.cached_tokens`, the exact count of prompt tokens whose KV came from the cache.
-  The per-request perf metrics (`return_perf_metrics=True`) add the reused and missed KV blocks to `stats()`.
+  TensorRT-LLM resets it on every response (a response without it reads 0), so the first response that carries
+  it counts and a later 0 does not overwrite it. The per-request perf metrics (`return_perf_metrics=True`) add the
+  reused and missed KV blocks to `stats()`; a request that reused blocks but reported no cached tokens is counted
+  (`requests_cached_tokens_unreported`) and logged.
+- A request TensorRT-LLM refuses ends with finish reason "error": its own argument checks raise from
+  `generate_async`, its worker's checks arrive later as an error raised by the stream; both are handled.
 - Cancelling (`cancel()`, closing the stream, cancelling the reading task) calls `RequestOutput.abort()`; the stream
   ends "cancelled" at once rather than waiting for TensorRT-LLM's own cancelled response.
 
@@ -37,11 +47,22 @@ from typing import Any
 
 from engine.checkpoint.config import load_config
 from engine.executors.base import BookedExecutor, GenerationChunk, GenerationRequest, RequestBook, RequestError
+from engine.executors.moe_backends import MoeChoice, choose_moe_backend, triton_kernels_available
 from engine.settings import EngineSettings, SettingsError
 
 log = logging.getLogger(__name__)
 
-_KV_COUNTERS = ("kv_blocks_reused", "kv_blocks_missed")  # after the counters every executor keeps
+ENGINE = "tensorrt_llm"
+SUPPORTED_VERSION = "1.2."  # the release line every name used here was checked in (docs/trtllm.md)
+# After the counters every executor keeps: KV blocks from the perf metrics, and the requests whose blocks were
+# reused while TensorRT-LLM reported no cached tokens.
+_KV_COUNTERS = ("kv_blocks_reused", "kv_blocks_missed", "requests_cached_tokens_unreported")
+# The LLM() arguments the selftest report shows, beside the MoE choice and the KV cache configuration.
+_REPORTED_KWARGS = ("tensor_parallel_size", "moe_expert_parallel_size", "max_batch_size", "max_num_tokens",
+                    "max_seq_len", "enable_chunked_prefill")
+SEED_REFUSAL = ("seed is not supported by the TensorRT-LLM executor when temperature is above 0: TensorRT-LLM "
+                "1.2's sampler ignores per-request seeds, so the same seed would not give the same answer. Send "
+                "temperature 0 (greedy, always repeatable) or leave the seed out")
 
 # LLM() arguments the executor sets itself: the engine settings must not override them.
 _OWNED_KWARGS = ("model", "tokenizer", "skip_tokenizer_init")
@@ -56,8 +77,9 @@ def import_llmapi() -> ModuleType:
     return importlib.import_module("tensorrt_llm.llmapi")
 
 
-def llm_kwargs(settings: EngineSettings, llmapi: ModuleType) -> dict[str, Any]:
-    """The `LLM()` keyword arguments for these settings."""
+def llm_arguments(settings: EngineSettings, moe_backend: str | None = None) -> dict[str, Any]:
+    """The `LLM()` keyword arguments for these settings as plain data (JSON-ready), `model` and the tokenizer
+    aside; `moe_backend` replaces `moe_config.backend`."""
     owned = sorted(set(settings.trtllm) & set(_OWNED_KWARGS))
     if owned:
         raise SettingsError(f"trtllm settings may not set {', '.join(owned)}: the executor sets them")
@@ -70,11 +92,26 @@ def llm_kwargs(settings: EngineSettings, llmapi: ModuleType) -> dict[str, Any]:
         **settings.trtllm,
         "kv_cache_config": {**kv_cache, "enable_block_reuse": True},
     }
+    if moe_backend is not None:
+        kwargs["moe_config"] = {**(kwargs.get("moe_config") or {}), "backend": moe_backend}
+    return kwargs
+
+
+def llm_kwargs(settings: EngineSettings, llmapi: ModuleType, moe_backend: str | None = None) -> dict[str, Any]:
+    """The `LLM()` keyword arguments for these settings, the config dicts as TensorRT-LLM's config objects."""
+    kwargs = llm_arguments(settings, moe_backend)
     for key, class_name in _CONFIG_CLASSES.items():
         if isinstance(kwargs.get(key), dict):
             kwargs[key] = getattr(llmapi, class_name)(**kwargs[key])
     # Prompts arrive as token ids and answers leave as token ids: loading a tokenizer would only cost start-up time.
     return {"model": settings.model_dir, "skip_tokenizer_init": True, **kwargs}
+
+
+def moe_choice(settings: EngineSettings) -> MoeChoice | None:
+    """The MoE backend to load with, from the one the profile names; None when it names none (TensorRT-LLM's own
+    default, CUTLASS in 1.2, then applies)."""
+    preferred = (settings.trtllm.get("moe_config") or {}).get("backend")
+    return None if preferred is None else choose_moe_backend(preferred)
 
 
 def finish_reason(trtllm_reason: str | None) -> tuple[str, str | None]:
@@ -117,6 +154,13 @@ class _Tally:
     generated: int = 0
     reused_blocks: int = 0
     missed_blocks: int = 0
+    responses: int = 0  # TensorRT-LLM responses read so far
+
+    def note_cached(self, reported: int | None) -> None:
+        """TensorRT-LLM's `cached_tokens` on one response: 0 also means "not carried", so the first response that
+        carries a figure counts and a later 0 never overwrites it."""
+        if not self.cached and reported:
+            self.cached = int(reported)
 
 
 async def _next_output(result: Any, cancel_wait: asyncio.Future[Any]) -> bool:
@@ -130,7 +174,7 @@ async def _next_output(result: Any, cancel_wait: asyncio.Future[Any]) -> bool:
     if step not in done:
         step.cancel()
         return False
-    step.result()  # re-raises a failure reported by TensorRT-LLM
+    step.result()  # re-raises an error response: a refusal by TensorRT-LLM's worker, or a failure
     return True
 
 
@@ -155,13 +199,38 @@ class TrtllmExecutor(BookedExecutor):
         # Without a tokenizer TensorRT-LLM needs these two ids spelt out; stopping itself uses stop_token_ids.
         self._end_id = int(config.raw["eos_token_id"])
         self._pad_id = int(config.raw.get("pad_token_id", self._end_id))
+        # Imported before the MoE probe: a TensorRT-LLM that vendors `triton_kernels` imports it on its own import.
         self._llmapi = import_llmapi()
-        kwargs = llm_kwargs(settings, self._llmapi)
-        self.max_context = min(settings.max_context, kwargs["max_seq_len"], config.max_position_embeddings)
+        self._moe = moe_choice(settings)
+        if self._moe is not None and self._moe.backend != settings.trtllm["moe_config"]["backend"]:
+            log.warning("TensorRT-LLM MoE backend: %s", self._moe.reason)
+        moe_backend = None if self._moe is None else self._moe.backend
+        arguments = llm_arguments(settings, moe_backend)
+        self.max_context = min(settings.max_context, arguments["max_seq_len"], config.max_position_embeddings)
         # Without chunked prefill TensorRT-LLM refuses a prompt longer than one iteration's token budget.
-        self.max_prompt = None if kwargs.get("enable_chunked_prefill") else kwargs.get("max_num_tokens")
-        self._llm = self._llmapi.LLM(**kwargs)
+        self.max_prompt = None if arguments.get("enable_chunked_prefill") else arguments.get("max_num_tokens")
+        self._info = self._describe(settings, arguments)
+        self._llm = self._llmapi.LLM(**llm_kwargs(settings, self._llmapi, moe_backend))
         self._book: RequestBook[_Stream] = RequestBook("TensorRT-LLM", _KV_COUNTERS)
+
+    def _describe(self, settings: EngineSettings, arguments: dict[str, Any]) -> dict[str, object]:
+        """`engine_info()`: what was found and chosen before `LLM()` was built."""
+        version = str(getattr(importlib.import_module(ENGINE), "__version__", "unknown"))
+        if not version.startswith(SUPPORTED_VERSION):
+            log.warning("TensorRT-LLM %s: this executor was checked against %sx only", version, SUPPORTED_VERSION)
+        moe = self._moe or MoeChoice("CUTLASS", "CUTLASS: TensorRT-LLM's default; the profile names no MoE backend")
+        return {
+            "engine": ENGINE,
+            "version": version,
+            "moe_backend": moe.backend,
+            "moe_backend_reason": moe.reason,
+            "moe_backend_requested": (settings.trtllm.get("moe_config") or {}).get("backend"),
+            "triton_kernels_importable": triton_kernels_available(),
+            "attention_backend": arguments.get("attn_backend", "TRTLLM"),  # TorchLlmArgs' default when unset
+            "kv_cache_config": arguments["kv_cache_config"],
+            **{key: arguments[key] for key in _REPORTED_KWARGS if key in arguments},
+            "seeds": "refused above temperature 0: TensorRT-LLM 1.2's sampler ignores per-request seeds",
+        }
 
     # -- Executor API --------------------------------------------------------------------------------------------
 
@@ -169,12 +238,17 @@ class TrtllmExecutor(BookedExecutor):
         counts, running = self._book.figures()
         return {**counts, "requests_running": running}
 
+    def engine_info(self) -> dict[str, object]:
+        return dict(self._info)
+
     async def close(self) -> None:
         if self._book.close():
             await asyncio.to_thread(self._llm.shutdown)
 
     def validate(self, request: GenerationRequest) -> None:
         super().validate(request)
+        if request.sampling.seed is not None and request.sampling.temperature > 0:
+            raise RequestError(SEED_REFUSAL)
         if request.max_tokens == 0 and len(request.input_ids) >= self.max_context:
             raise RequestError(f"a prefill-only request needs one free position after the prompt: TensorRT-LLM "
                                f"always generates a token; the context limit is {self.max_context}")
@@ -200,10 +274,10 @@ class TrtllmExecutor(BookedExecutor):
         request = stream.request
         try:
             stream.result = self._submit(request)
-        except Exception as exc:  # refused by TensorRT-LLM's own checks: this stream ends, the executor lives on
+        except Exception as exc:  # refused by the LLM API's own checks: this stream ends, the executor lives on
             log.exception("TensorRT-LLM refused request %s", request.request_id)
             tally.finish = "error"
-            yield GenerationChunk(finish_reason="error", error=f"TensorRT-LLM refused the request: {exc}")
+            yield self._chunk(tally, True, finish="error", error=f"TensorRT-LLM refused the request: {exc}")
             return
         result = stream.result
         emitted = 0
@@ -215,17 +289,20 @@ class TrtllmExecutor(BookedExecutor):
                     if not await _next_output(result, cancel_wait):
                         yield self._chunk(tally, first, finish="cancelled")
                         return
-                except Exception as exc:  # a failure inside TensorRT-LLM ends this stream only
-                    log.exception("TensorRT-LLM failed on request %s", request.request_id)
+                except Exception as exc:  # an error response ends this stream only
+                    # Before any response it is the worker refusing the request (it checks asynchronously).
+                    what = "refused the request" if not tally.responses else "failed on the request"
+                    log.exception("TensorRT-LLM %s %s", what, request.request_id)
                     tally.finish = "error"
-                    yield self._chunk(tally, first, finish="error", error=f"TensorRT-LLM failure: {exc}")
+                    yield self._chunk(tally, first, finish="error", error=f"TensorRT-LLM {what}: {exc}")
                     return
+                tally.responses += 1
                 completion = result.outputs[0]
                 # Slicing by what was sent, rather than token_ids_diff, stays right however responses are batched.
                 tokens = tuple(completion.token_ids[emitted:]) if request.max_tokens else ()
                 emitted += len(tokens)
-                # Exact prompt tokens served from the KV cache; TensorRT-LLM may leave it unset (None) on some paths.
-                tally.cached, tally.generated = int(result.cached_tokens or 0), emitted
+                tally.note_cached(result.cached_tokens)
+                tally.generated = emitted
                 if result.finished:
                     tally.finish, error = _ending(request, completion, tally)
                     yield self._chunk(tally, first, tokens, tally.finish, error)
@@ -239,10 +316,10 @@ class TrtllmExecutor(BookedExecutor):
     def _submit(self, request: GenerationRequest) -> Any:
         """Hand the request to TensorRT-LLM; returns its streaming RequestOutput."""
         sampling = request.sampling
+        # No seed: TensorRT-LLM 1.2's sampler would ignore it (validate() refuses a seed that would matter).
         params = self._llmapi.SamplingParams(
             max_tokens=max(request.max_tokens, 1),
             temperature=sampling.temperature,
-            seed=sampling.seed,
             stop_token_ids=list(sampling.stop_token_ids),
             include_stop_str_in_output=True,
             end_id=self._end_id,
@@ -270,8 +347,15 @@ class TrtllmExecutor(BookedExecutor):
         return GenerationChunk(tokens, tally.cached if first else None, finish, error)
 
     def _finish(self, stream: _Stream, tally: _Tally) -> None:
-        prompt = len(stream.request.input_ids)
-        self._book.done(stream.request.request_id, stream, tally.finish, prompt_tokens=prompt,
+        request = stream.request
+        # Reused blocks with no cached tokens reported: the figure went missing on TensorRT-LLM's side (or the
+        # reuse was of blocks the count leaves out). Counted as 0, as reported, and flagged.
+        unreported = int(tally.reused_blocks > 0 and tally.cached == 0)
+        if unreported:
+            log.warning("TensorRT-LLM reused %d KV blocks for request %s but reported no cached tokens",
+                        tally.reused_blocks, request.request_id)
+        prompt = len(request.input_ids)
+        self._book.done(request.request_id, stream, tally.finish, prompt_tokens=prompt,
                         prompt_tokens_cached=tally.cached, prompt_tokens_computed=prompt - tally.cached,
                         generated_tokens=tally.generated, kv_blocks_reused=tally.reused_blocks,
-                        kv_blocks_missed=tally.missed_blocks)
+                        kv_blocks_missed=tally.missed_blocks, requests_cached_tokens_unreported=unreported)

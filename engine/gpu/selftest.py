@@ -4,11 +4,14 @@
 against a built repository's engine.json. In order:
 
     1. build the executor exactly as the Triton model does (`engine.executors.factory.create_executor`), timed: for
-       TensorRT-LLM that is weight loading, kernel autotuning, KV cache sizing and CUDA graph capture;
+       TensorRT-LLM that is weight loading, kernel autotuning, KV cache sizing and CUDA graph capture; what the
+       engine chose or found at load (`Executor.engine_info()`: version, MoE backend and why, KV cache
+       configuration) is recorded as `engine_info` and named in the printed report;
     2. one smoke generation of a real classification prompt (harmony, with the vocabulary from the model directory,
        so nothing is downloaded);
     3. the executor conformance suite (`engine.executors.conformance`) on prompts that share one policy prefix;
-    4. memory after loading and after the checks.
+    4. memory after loading and after the checks, and the executor's `stats()` after the checks
+       (`executor_stats`).
 
 A load that fails is a result too (the report carries the error), because on a GPU host that is the answer the
 selftest exists to give: an A100 without SM80 kernels, say. The reference executor caches exact prefixes; TensorRT-LLM
@@ -27,7 +30,7 @@ import resource
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -105,6 +108,8 @@ class SelftestReport:
     smoke: SmokeResult | None
     checks: tuple[CheckResult, ...]
     memory: dict[str, Any]  # "after_load" and "after_checks" snapshots
+    engine_info: dict[str, Any] = field(default_factory=dict)  # Executor.engine_info(); empty when not loaded
+    executor_stats: dict[str, float] = field(default_factory=dict)  # Executor.stats() after the checks
 
     @property
     def passed(self) -> bool:
@@ -140,6 +145,8 @@ class SelftestReport:
             "smoke": smoke,
             "checks": [{**asdict(check), "seconds": round(check.seconds, 3)} for check in self.checks],
             "memory": self.memory,
+            "engine_info": self.engine_info,
+            "executor_stats": self.executor_stats,
         }
 
 
@@ -168,15 +175,30 @@ def run_selftest(settings: EngineSettings, policy_text: str = DEFAULT_POLICY, *,
                       memory={"after_load": memory_snapshot(cuda)})
     load_seconds = time.perf_counter() - loading
     after_load = memory_snapshot(cuda)
-    smoke, checks = asyncio.run(_exercise(executor, suite, encoding))
+    info = engine_info(executor)
+    smoke, checks, stats = asyncio.run(_exercise(executor, suite, encoding))
     return report(load_seconds=load_seconds, load_error=None, smoke=smoke, checks=tuple(checks),
-                  memory={"after_load": after_load, "after_checks": memory_snapshot(cuda)})
+                  memory={"after_load": after_load, "after_checks": memory_snapshot(cuda)}, engine_info=info,
+                  executor_stats=stats)
 
 
-async def _exercise(executor: Executor, suite: SuiteConfig, encoding: Any) -> tuple[SmokeResult, list[CheckResult]]:
+def engine_info(executor: Executor) -> dict[str, Any]:
+    """The executor's `engine_info()`, or a note of why there is none: the report must not fail for want of it."""
+    try:
+        return dict(executor.engine_info())
+    except Exception as exc:
+        log.exception("engine_info() failed")
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+async def _exercise(executor: Executor, suite: SuiteConfig, encoding: Any
+                    ) -> tuple[SmokeResult, list[CheckResult], dict[str, float]]:
+    """The smoke generation, the suite, and the executor's counters after both (e.g. TensorRT-LLM's
+    `requests_cached_tokens_unreported`, which should stay 0)."""
     try:
         smoke = await smoke_generation(executor, suite.prompts[0], suite.prefix_len, encoding)
-        return smoke, await run_suite(executor, suite)
+        checks = await run_suite(executor, suite)
+        return smoke, checks, dict(executor.stats())
     finally:
         await executor.close()
 
@@ -252,6 +274,19 @@ def _smoke_detail(smoke: SmokeResult) -> str:
             f"finish {smoke.finish_reason}")
 
 
+def _engine_line(info: dict[str, Any]) -> str:
+    """The engine and what it chose, in one line: "tensorrt_llm 1.2.1; MoE backend CUTLASS (why)"."""
+    parts = [" ".join(str(info[key]) for key in ("engine", "version") if key in info) or "engine"]
+    if "moe_backend" in info:
+        reason = info.get("moe_backend_reason")
+        parts.append(f"MoE backend {info['moe_backend']}" + (f" ({reason})" if reason else ""))
+    if "attention_backend" in info:
+        parts.append(f"attention backend {info['attention_backend']}")
+    if "error" in info:
+        parts.append(f"engine_info() failed: {info['error']}")
+    return "; ".join(parts)
+
+
 def format_report(report: SelftestReport) -> str:
     """A pass/fail table with each step's time and detail, then the memory figures."""
     rows: list[tuple[str, str, str, str]] = []
@@ -268,6 +303,8 @@ def format_report(report: SelftestReport) -> str:
              f"{'PASSED' if report.passed else 'FAILED'} in {report.seconds:.1f} s"]
     lines += [f"  {name.ljust(widths[0])}  {verdict.ljust(widths[1])}  {secs.rjust(widths[2])}  {detail}"
               for name, verdict, secs, detail in rows]
+    if report.engine_info:
+        lines.append(f"  engine: {_engine_line(report.engine_info)}")
     if report.smoke is not None and report.smoke.text:
         lines.append(f"  smoke answer: {report.smoke.text!r}")
     for stage, snapshot in report.memory.items():

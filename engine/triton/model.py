@@ -18,13 +18,15 @@ response that has an error, so the message travels as the error. Over gRPC that 
 and the final flag, but tritonclient's stream callback passes on only the message.
 
 A client cancelling its request (closing the gRPC stream, or Triton's request cancellation) is noticed by polling
-the response sender's `is_cancelled()`; the executor is then told to stop and the stream ends with finish_reason
-"cancelled", which Triton discards because nobody is listening.
+the response sender's `is_cancelled()` on a thread of its own (`engine.triton.cancellation`: each poll is a round
+trip to the Triton process, which must not hold up the loop that drains the executor's results); the executor is
+then told to stop through its thread-safe `cancel()` and the stream ends with finish_reason "cancelled", which
+Triton discards because nobody is listening.
 
 The executor's `stats()` figures, and how many streams the model holds open, are published every
-STATS_INTERVAL_S as the gauge family `safeguard_model_executor{figure="..."}` on Triton's metrics endpoint (a python
-backend custom metric), so requests left in flight can be seen from outside the stub. The label values are the
-fixed names the executor reports, never anything a caller sends.
+STATS_INTERVAL_S, from the same thread, as the gauge family `safeguard_model_executor{figure="..."}` on Triton's
+metrics endpoint (a python backend custom metric), so requests left in flight can be seen from outside the stub.
+The label values are the fixed names the executor reports, never anything a caller sends.
 
 A stub whose server dies while they talk would wait for it for good; `initialize` starts a watcher process that
 ends the stub then (`engine.triton.runtime.watch_stub_parent`).
@@ -57,6 +59,7 @@ from engine.executors.base import (
 )
 from engine.executors.factory import create_executor
 from engine.settings import SETTINGS_FILE, EngineSettings
+from engine.triton.cancellation import CancellationWatcher
 from engine.triton.contract import INPUTS, SETTINGS_PARAMETER
 from engine.triton.runtime import watch_stub_parent
 
@@ -140,7 +143,6 @@ class _Stream:
 
     request: GenerationRequest
     sender: Any  # pb_utils.InferenceResponseSender
-    cancelled: bool = False  # the client went away; keep telling the executor until the stream ends
     cached_tokens: int = 0
     task: asyncio.Task | None = field(default=None, repr=False)
 
@@ -157,11 +159,14 @@ class TritonPythonModel:
         self._executor = create_executor(settings)
         self._streams: dict[str, _Stream] = {}
         self._ids = itertools.count()
+        self._gauges = _Gauges()
+        self._cancellations = CancellationWatcher(self._executor.cancel, self._publish,
+                                                  lambda message: _log("error", message), CANCEL_POLL_S,
+                                                  STATS_INTERVAL_S)
+        self._cancellations.start()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="safeguard-loop", daemon=True)
         self._thread.start()
-        self._gauges = _Gauges()
-        self._watcher = asyncio.run_coroutine_threadsafe(self._watch_cancellations(), self._loop)
         _log("info", f"safeguard: {settings.executor} executor on {settings.device}, model {settings.model_dir}")
 
     def execute(self, requests: list[Any]) -> None:
@@ -183,6 +188,8 @@ class TritonPythonModel:
         return None  # decoupled: responses go through the senders
 
     def finalize(self) -> None:
+        if hasattr(self, "_cancellations") and not self._cancellations.stop(SHUTDOWN_TIMEOUT_S):
+            _log("error", "safeguard: the cancellation thread did not stop")
         if not hasattr(self, "_loop"):  # initialize failed before the loop existed
             return
         try:
@@ -195,10 +202,18 @@ class TritonPythonModel:
             self._loop.close()
         self._gauges.close()
 
+    def _publish(self) -> None:
+        """Runs on the cancellation thread (stats() is thread-safe)."""
+        try:
+            self._gauges.publish({**self._executor.stats(), "streams_open": self._cancellations.open_streams()})
+        except Exception as exc:  # figures are a window on the model, never a reason for it to fail
+            _log("error", f"safeguard: publishing executor figures: {exc!r}")
+
     # Everything below runs on the loop thread.
 
     def _start(self, stream: _Stream) -> None:
         self._streams[stream.request.request_id] = stream
+        self._cancellations.watch(stream.request.request_id, stream.sender)
         stream.task = self._loop.create_task(self._serve(stream))
 
     async def _serve(self, stream: _Stream) -> None:
@@ -213,6 +228,7 @@ class TritonPythonModel:
             error, code = f"generation failed: {exc}", pb_utils.TritonError.INTERNAL
         finally:
             self._streams.pop(stream.request.request_id, None)
+            self._cancellations.forget(stream.request.request_id)
         if error is not None:
             _send_error(stream.sender, error, code)
 
@@ -237,32 +253,7 @@ class TritonPythonModel:
             if aclose is not None:
                 await aclose()
 
-    async def _watch_cancellations(self) -> None:
-        """Poll client cancellation; `is_cancelled` is a round trip to the Triton process, so it is batched here
-        rather than asked once per token. The executor's figures are published from here too."""
-        published = 0.0
-        while True:
-            await asyncio.sleep(CANCEL_POLL_S)
-            if (now := self._loop.time()) - published >= STATS_INTERVAL_S:
-                published = now
-                self._publish()
-            for stream in list(self._streams.values()):
-                try:
-                    stream.cancelled = stream.cancelled or stream.sender.is_cancelled()
-                    if stream.cancelled:
-                        # Repeated until the stream ends: a queued request may not be known to the executor yet.
-                        self._executor.cancel(stream.request.request_id)
-                except Exception as exc:  # the watcher must outlive any one request
-                    _log("error", f"safeguard: cancellation check for {stream.request.request_id}: {exc!r}")
-
-    def _publish(self) -> None:
-        try:
-            self._gauges.publish({**self._executor.stats(), "streams_open": len(self._streams)})
-        except Exception as exc:  # figures are a window on the model, never a reason for it to fail
-            _log("error", f"safeguard: publishing executor figures: {exc!r}")
-
     async def _shutdown(self) -> None:
-        self._watcher.cancel()
         await self._executor.close()
         tasks = [s.task for s in self._streams.values() if s.task is not None]
         if tasks:

@@ -8,4 +8,6 @@ puts this directory on sys.path, and only for the duration of a test.
 
 from tensorrt_llm.llmapi import LLM, SamplingParams
 
-__all__ = ["LLM", "SamplingParams"]
+__version__ = "1.2.1"  # the release the fake stands in for; the real one reports its own
+
+__all__ = ["LLM", "SamplingParams", "__version__"]

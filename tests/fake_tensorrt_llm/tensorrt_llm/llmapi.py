@@ -1,21 +1,34 @@
 """FAKE for unit tests; not TensorRT-LLM.
 
-The `tensorrt_llm.llmapi` names engine/executors/trtllm.py uses, with the signatures and the few behaviours of
+The `tensorrt_llm.llmapi` names engine/executors/trtllm.py uses, with the signatures and the behaviours of
 TensorRT-LLM 1.2.x that our plumbing depends on (docs/trtllm.md cites the real source for each):
 
 - config classes reject unknown fields (the real ones are pydantic models with extra="forbid");
-- `LLM.generate_async` needs `end_id` when the tokenizer is skipped, refuses `max_tokens < 1` (the C++ request
-  check), refuses a prompt over `max_num_tokens` without chunked prefill, and needs a running event loop;
-- a `RequestOutput` is its own async iterator; each step appends a response's new tokens to `outputs[0].token_ids`
-  and updates `cached_tokens`; `abort()` is answered by a final response with finish reason "cancelled".
+- `LLM.generate_async` itself checks only a few things, synchronously: the LLM is not shut down, `end_id` is set
+  when the tokenizer is skipped (`_prepare_sampling_params`), a prompt fits `max_num_tokens` without chunked
+  prefill (`_check_arguments`); and it needs a running event loop;
+- the worker's checks (`max_tokens < 1`, a prompt that leaves no room under `max_seq_len`: the C++ request's
+  `mMaxNewTokens > 0`) are asynchronous: the LLM runs its worker in another process by default, whose
+  `worker_main` turns a refused submission into an error response, so `generate_async` returns and the stream
+  raises `RequestError` when read. `LLM.single_process = True` models TLLM_WORKER_USE_SINGLE_PROCESS, where the
+  same refusal raises from `generate_async`;
+- a `RequestOutput` is its own async iterator; each response appends its new tokens to `outputs[0].token_ids`;
+  `cached_tokens` is reset on every response, so a response that does not carry it reads 0 (the real
+  `getattr(response_result, 'cached_tokens', 0)`); the per-request perf metrics arrive with the final response;
+- `abort()` is answered by a final response with finish reason "cancelled", which carries no `cached_tokens`;
+- `SamplingParams.seed` exists and is ignored, as by 1.2's default TorchSampler: a request nobody scripted is
+  answered by a sampler that is greedy at temperature 0 (a function of the prompt) and otherwise draws from one
+  generator for the whole engine, seeded once (42) when the LLM starts, whatever seed the request names.
 
 What a request streams is scripted by the test: `LLM.script` is called with every new `RequestOutput`, and
-`RequestOutput.feed(Step(...))` queues what TensorRT-LLM would send.
+`RequestOutput.feed(Step(...))` queues what TensorRT-LLM would send. `LLM.worker_check` adds a refusal of the
+test's own to the worker's checks.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -137,8 +150,8 @@ class Step:
 
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # set on the final response
-    cached_tokens: int = 0
-    reused_blocks: int = 0
+    cached_tokens: int | None = None  # None: this response does not carry the figure (it then reads 0)
+    reused_blocks: int = 0  # perf metrics, reported with the final response
     missed_blocks: int = 0
     error: str | None = None  # the response carries an error instead
 
@@ -162,7 +175,7 @@ class RequestOutput:
 
     def abort(self) -> None:
         self.abort_calls += 1
-        self.feed(Step(finish_reason="cancelled", cached_tokens=self.cached_tokens))
+        self.feed(Step(finish_reason="cancelled"))
 
     @property
     def finished(self) -> bool:
@@ -176,18 +189,22 @@ class RequestOutput:
             raise StopAsyncIteration
         step = await self._responses.get()
         if step.error is not None:
+            self._done = True
             raise RequestError(step.error)
         output = self.outputs[0]
         output._last_token_ids_len = len(output.token_ids)
         output.token_ids.extend(step.token_ids)
-        self.cached_tokens = step.cached_tokens
-        if self.sampling_params.return_perf_metrics:
-            output.request_perf_metrics = RequestPerfMetrics(
-                KvCacheMetrics(num_reused_blocks=step.reused_blocks, num_missed_blocks=step.missed_blocks))
+        self.cached_tokens = 0 if step.cached_tokens is None else step.cached_tokens
         if step.finish_reason is not None:
+            if self.sampling_params.return_perf_metrics:
+                output.request_perf_metrics = RequestPerfMetrics(
+                    KvCacheMetrics(num_reused_blocks=step.reused_blocks, num_missed_blocks=step.missed_blocks))
             output.finish_reason = step.finish_reason
             self._done = True
         return self
+
+
+GREEDY_BASE = 1000  # fake-only: the unscripted sampler's tokens lie in [GREEDY_BASE, GREEDY_BASE + 1000)
 
 
 class LLM:
@@ -196,6 +213,7 @@ class LLM:
         "moe_expert_parallel_size", "max_batch_size", "max_num_tokens", "max_seq_len", "enable_chunked_prefill",
         "kv_cache_config", "cuda_graph_config", "moe_config", "enable_iter_perf_stats", "return_perf_metrics",
         "stream_interval", "enable_attention_dp", "print_iter_log"})
+    GLOBAL_SEED = 42  # TorchSampler's one generator, seeded when the sampler is built
 
     def __init__(self, model: str, tokenizer: Any = None, tokenizer_mode: str = "auto",
                  skip_tokenizer_init: bool = False, trust_remote_code: bool = False, tensor_parallel_size: int = 1,
@@ -207,8 +225,11 @@ class LLM:
         self.kwargs = {"model": model, "tokenizer": tokenizer, "skip_tokenizer_init": skip_tokenizer_init,
                        "tensor_parallel_size": tensor_parallel_size, **kwargs}
         self.script: Callable[[RequestOutput], None] | None = None
+        self.worker_check: Callable[[list[int], SamplingParams], str | None] | None = None
+        self.single_process = False
         self.requests: list[RequestOutput] = []
         self.shutdown_calls = 0
+        self._sampler = random.Random(self.GLOBAL_SEED)
 
     def generate_async(self, inputs: list[int], sampling_params: SamplingParams | None = None,
                        lora_request: Any = None, prompt_adapter_request: Any = None, streaming: bool = False,
@@ -216,6 +237,8 @@ class LLM:
                        disaggregated_params: Any = None, _postproc_params: Any = None,
                        scheduling_params: Any = None, cache_salt: str | None = None) -> RequestOutput:
         asyncio.get_running_loop()  # the real result queues need the caller's event loop
+        if self.shutdown_calls:
+            raise RuntimeError("LLM is shutting down")
         params = sampling_params or SamplingParams()
         if params.end_id is None and self.kwargs["skip_tokenizer_init"]:
             raise ValueError("tokenizer is required to reset end_id if it is None, or you can explicitly specify "
@@ -224,13 +247,38 @@ class LLM:
         if not self.kwargs.get("enable_chunked_prefill") and max_num_tokens and len(inputs) > max_num_tokens:
             raise ValueError(f"The sum of prompt length ({len(inputs)}), query length (0) should not exceed "
                              f"max_num_tokens ({max_num_tokens})")
-        if params.max_tokens < 1:
-            raise RequestError("[TensorRT-LLM][ERROR] Assertion failed: mMaxNewTokens > 0")
         result = RequestOutput(list(inputs), params, streaming, kv_cache_retention_config)
         self.requests.append(result)
-        if self.script is not None:
+        refusal = self._worker_refusal(list(inputs), params)
+        if refusal is not None:
+            if self.single_process:
+                raise RequestError(refusal)
+            result.feed(Step(error=refusal))  # the worker's error response: raised when the stream is read
+        elif self.script is not None:
             self.script(result)
+        else:
+            result.feed(*self._sample(result))
         return result
 
     def shutdown(self) -> None:
         self.shutdown_calls += 1
+
+    def _worker_refusal(self, inputs: list[int], params: SamplingParams) -> str | None:
+        """What the worker's `_enqueue_request` refuses: the max_tokens it deduces (capped at what fits under
+        max_seq_len) must be above 0 for the C++ request."""
+        room = self.kwargs.get("max_seq_len", len(inputs) + params.max_tokens) - len(inputs)
+        if min(params.max_tokens, room) < 1:
+            return "[TensorRT-LLM][ERROR] Assertion failed: mMaxNewTokens > 0"
+        return None if self.worker_check is None else self.worker_check(inputs, params)
+
+    def _sample(self, result: RequestOutput) -> list[Step]:
+        """An unscripted answer: one response per token, to max_tokens; the seed plays no part."""
+        params = result.sampling_params
+        if params.temperature:
+            tokens = [GREEDY_BASE + self._sampler.randrange(1000) for _ in range(params.max_tokens)]
+        else:
+            base = sum(result.prompt_token_ids)
+            tokens = [GREEDY_BASE + (base + 7 * i) % 1000 for i in range(params.max_tokens)]
+        steps = [Step([token]) for token in tokens]
+        steps[-1].finish_reason = "length"
+        return steps
