@@ -34,6 +34,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from classification.errors import ApplianceError
 from engine.checkpoint.config import PRESETS, ModelConfig, load_config
 from engine.executors.base import Executor
 from engine.gpu import engine_checks as checks
@@ -174,7 +175,7 @@ def _synthesize_with_tokenizer(synthesize: Callable[..., Any], opts: Options, ou
     (openai_harmony, quicktok), and no executor in this report needs a tokenizer."""
     try:
         synthesize(opts.preset, out, layers=opts.layers, tokenizer=True)
-    except ImportError:
+    except (ImportError, ApplianceError):  # no harmony package, or no vocabulary source (VocabularyError)
         shutil.rmtree(out, ignore_errors=True)
         synthesize(opts.preset, out, layers=opts.layers, tokenizer=False)
 
