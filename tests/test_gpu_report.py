@@ -23,7 +23,7 @@ from engine.executors.factory import create_executor
 from engine.executors.reference import ReferenceExecutor
 from engine.gpu import engine_checks as checks
 from engine.gpu import engine_probe as probe
-from engine.gpu import gpu_report
+from engine.gpu import gpu_report, reference_checks, report_run
 from engine.gpu.report_items import FAILED, PASSED, SKIPPED, STATUSES, compare_tokens
 from engine.settings import EngineSettings
 
@@ -33,7 +33,7 @@ MAX_TOKENS = 8
 
 def run_main(cache_dir: Path, *extra: str) -> tuple[int, dict]:
     rc = gpu_report.main([*SMOKE_ARGS, "--cache-dir", str(cache_dir), *extra])
-    return rc, json.loads((cache_dir / gpu_report.REPORT_FILE).read_text())
+    return rc, json.loads((cache_dir / report_run.REPORT_FILE).read_text())
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +73,8 @@ def test_cpu_run_synthesizes_both_attention_kinds(smoke_run):
 
 def test_cpu_run_checks_the_reference_executor_on_cpu(smoke_run):
     reference = items_of(smoke_run[1], "reference")
-    assert reference[gpu_report.REF_LOAD_CPU]["status"] == PASSED
-    greedy = reference[gpu_report.REF_GREEDY_CPU]
+    assert reference[reference_checks.REF_LOAD_CPU]["status"] == PASSED
+    greedy = reference[reference_checks.REF_GREEDY_CPU]
     assert greedy["status"] == PASSED and len(greedy["data"]["tokens"]) == MAX_TOKENS
     generic = items_of(smoke_run[1], "reference/cpu")
     for name in checks.GENERIC_ITEMS:
@@ -87,7 +87,7 @@ def test_cpu_run_checks_the_reference_executor_on_cpu(smoke_run):
 def test_cpu_run_skips_cuda_and_engine_items_saying_why(smoke_run):
     report = smoke_run[1]
     reference = items_of(report, "reference")
-    for name in gpu_report.CUDA_ITEMS:
+    for name in reference_checks.CUDA_ITEMS:
         assert (reference[name]["status"], reference[name]["detail"]) == (SKIPPED, "no CUDA device")
     for engine, module in probe.ENGINE_MODULES.items():
         engine_items = items_of(report, engine)
@@ -102,8 +102,8 @@ def test_a_rerun_reuses_the_checkpoint_and_an_exhausted_budget_skips_stages(smok
     assert rc == 0
     assert items_of(report, "checkpoint")["synthesize"]["data"]["reused"] is True
     reference = items_of(report, "reference")
-    assert reference[gpu_report.REF_LOAD_CPU]["status"] == SKIPPED
-    assert reference[gpu_report.REF_LOAD_CPU]["detail"].startswith("time budget:")
+    assert reference[reference_checks.REF_LOAD_CPU]["status"] == SKIPPED
+    assert reference[reference_checks.REF_LOAD_CPU]["detail"].startswith("time budget:")
     assert all(i["detail"] == "not asked for (--engines)" for i in items_of(report, "trtllm").values())
 
 
@@ -271,6 +271,6 @@ def test_bad_arguments_are_refused(capsys):
 
 
 def test_the_default_checkpoint_is_full_width_with_both_attention_kinds():
-    cfg = parse_config(preset_dict(gpu_report.DEFAULT_PRESET, layers=gpu_report.DEFAULT_LAYERS))
+    cfg = parse_config(preset_dict(report_run.DEFAULT_PRESET, layers=report_run.DEFAULT_LAYERS))
     assert cfg.sliding_attention_layers == 1 and cfg.full_attention_layers == 1
     assert cfg.variant == "gpt-oss-20b (full width, 2 of 24 layers)"

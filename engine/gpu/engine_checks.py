@@ -26,6 +26,7 @@ ORDINARY_IDS = 199_998  # gpt-oss ids below this are ordinary (mergeable) tokens
 NO_STOP = SamplingParams(stop_token_ids=())  # random weights may pick a stop token: greedy runs keep their length
 # Salts of the prompt sets, so each check starts from a prefix no earlier check cached.
 GREEDY_SALT, CACHE_SALT, WARMUP_SALT, ABORT_SALT, SEED_SALT = range(5)
+WARMUP_TOKENS = 2
 ABORT_MAX_TOKENS = 256  # far more than the check lets through
 # The cancel arrives while the next step may already run, and one finished token may already be in the stream.
 MAX_TOKENS_AFTER_CANCEL = 2
@@ -112,6 +113,12 @@ async def timed_run(executor: Executor, req: GenerationRequest,
 async def greedy(executor: Executor, max_tokens: int, salt: int = GREEDY_SALT) -> Timed:
     """The greedy answer every comparison uses: the first prompt of `salt`, its prefix marked, no stop tokens."""
     return await timed_run(executor, request(make_prompts(salt), max_tokens))
+
+
+async def warm_up(executor: Executor) -> None:
+    """A throwaway first request: it pays for lazy start-up work (CUDA kernels, cuBLAS handles, sampler state), so
+    "cold" in the items after it means a cold prefix only."""
+    await timed_run(executor, request(make_prompts(WARMUP_SALT), WARMUP_TOKENS, prefix=False))
 
 
 async def timed_items(section: str, names: Sequence[str], check: Callable[[], Awaitable[Item | list[Item]]]
