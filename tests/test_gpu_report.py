@@ -210,6 +210,25 @@ def test_expanded_item_agrees_with_mxfp4_on_the_reference_executor(tmp_path):
     assert item.status == PASSED and item.data["identical"], item.detail
 
 
+def test_teacher_forced_logits_pick_the_greedy_tokens():
+    """The logits the CUDA comparison uses sit at the positions that chose each greedy token."""
+    async def go():
+        executor = create_executor(smoke_settings(cached_checkpoint("smoke", tokenizer=False)))
+        try:
+            out = await checks.greedy(executor, MAX_TOKENS)
+            return out, reference_checks.teacher_forced_logits(executor, out.tokens)
+        finally:
+            await executor.close()
+
+    out, logits = asyncio.run(go())
+    assert logits.shape[0] == MAX_TOKENS
+    assert tuple(logits.argmax(-1).tolist()) == out.tokens
+    same = reference_checks.logit_figures(logits, logits.clone())
+    assert (same["max_abs_diff"], same["same_top_token"]) == (0.0, MAX_TOKENS)
+    garbled = reference_checks.logit_figures(logits, logits.flip(0))
+    assert garbled["relative"] > reference_checks.LOGIT_TOLERANCE
+
+
 # -- pieces ---------------------------------------------------------------------------------------------------------
 
 def test_compare_tokens_finds_the_first_divergence():

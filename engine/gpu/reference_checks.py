@@ -10,20 +10,35 @@ few tokens (report_items.MIN_AGREEING_TOKENS). `--cpu-dtype float32` remains for
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from engine.executors.base import Executor
 from engine.gpu import engine_checks as checks
 from engine.gpu.report_checkpoints import expanded_checkpoint
 from engine.gpu.report_items import Item, compare_tokens, failed, skipped, verdict
-from engine.gpu.report_run import Run, greedy_item, load_executor, load_item, use
+from engine.gpu.report_run import NEEDS_SECONDS, Run, greedy_item, load_executor, load_item, use
 from engine.settings import EngineSettings
 
 REFERENCE = "reference"
 
 REF_LOAD_CPU, REF_GREEDY_CPU = "load on cpu", "greedy run on cpu"
 REF_LOAD_CUDA, REF_AGREE, REF_DECODE = "load on cuda", "greedy tokens cuda vs cpu", "decode tokens/s on cuda"
-CUDA_ITEMS = (REF_LOAD_CUDA, REF_AGREE, REF_DECODE)
+REF_LOGITS = "logits cuda vs cpu, teacher-forced"
+CUDA_ITEMS = (REF_LOAD_CUDA, REF_AGREE, REF_LOGITS, REF_DECODE)
+# Largest |CUDA logit - CPU logit| allowed, over the spread (std) of the CPU logits, on the same token sequence. bf16
+# rounding on different kernels moves logits by about a percent of their spread; a kernel or layout fault by about
+# all of it. Unlike greedy tokens, teacher-forced logits do not compound: one near-tie cannot derail the rest.
+LOGIT_TOLERANCE = 0.1
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A device's greedy answer and its logits on the CPU's token sequence (None where not computed)."""
+
+    greedy: checks.Timed
+    logits: Any = None  # torch.Tensor [tokens, vocab], float32 on the CPU
 
 
 def reference_settings(model_dir: Path, device: str, dtype: str) -> EngineSettings:
@@ -32,88 +47,132 @@ def reference_settings(model_dir: Path, device: str, dtype: str) -> EngineSettin
                           model_fingerprint=f"gpu-report-{model_dir.name}", max_concurrency=1)
 
 
-
 def reference_section(run: Run, ckpt: Path) -> None:
-    opts = run.options
     generic = f"{REFERENCE}/{run.device}"
-    cpu_greedy: checks.Timed | None = None
-    best_greedy: checks.Timed | None = None
-    if not run.skip_for_budget("reference cpu", REFERENCE, (REF_LOAD_CPU, REF_GREEDY_CPU)):
+    cpu: Answer | None = None
+    reason = run.budget.shortfall(NEEDS_SECONDS["reference cpu"])
+    if reason is None:
         with run.progress.stage("reference executor on cpu"):
-            cpu_greedy = _reference_cpu(run, ckpt, generic)
+            cpu = _reference_cpu(run, ckpt, generic)
+    else:
+        run.add(*checks.skip_all(REFERENCE, (REF_LOAD_CPU, REF_GREEDY_CPU), reason))
+        if not run.cuda:
+            run.add(*checks.skip_all(generic, checks.SERVING_ITEMS, reason))
+    best = cpu
     if not run.cuda:
         run.add(*checks.skip_all(REFERENCE, CUDA_ITEMS, "no CUDA device"))
-        best_greedy = cpu_greedy
-    elif not run.skip_for_budget("reference cuda", REFERENCE, CUDA_ITEMS):
+    elif (reason := run.budget.shortfall(NEEDS_SECONDS["reference cuda"])) is not None:
+        run.add(*checks.skip_all(REFERENCE, CUDA_ITEMS, reason))
+        run.add(*checks.skip_all(generic, checks.SERVING_ITEMS, reason))
+        best = None
+    else:
         with run.progress.stage("reference executor on cuda"):
-            best_greedy = _reference_cuda(run, ckpt, generic, cpu_greedy)
-    if best_greedy is None or best_greedy.problem() is not None:
+            best = _reference_cuda(run, ckpt, generic, cpu)
+    if best is None or best.greedy.problem() is not None:
         run.add(skipped(generic, checks.EXPANDED, "no MXFP4 greedy answer to compare with"))
         return
+    _expanded(run, ckpt, generic, best.greedy)
+
+
+def _expanded(run: Run, ckpt: Path, generic: str, mxfp4: checks.Timed) -> None:
     expanded = expanded_checkpoint(run, ckpt, generic)
     if expanded is None or run.skip_for_budget("reference expanded", generic, (checks.EXPANDED,)):
         return
     with run.progress.stage(f"reference executor on {run.device}, BF16 experts"):
-        executor, error, _ = load_executor(reference_settings(expanded, run.device, _dtype(run)))
+        dtype = "bfloat16" if run.cuda else run.options.cpu_dtype
+        executor, error, _ = load_executor(reference_settings(expanded, run.device, dtype))
         if executor is None:
             run.add(failed(generic, checks.EXPANDED, f"load failed: {error}"))
             return
         run.add(*use(executor, lambda ex: checks.timed_items(
-            generic, (checks.EXPANDED,), lambda: checks.expanded_item(generic, best_greedy, ex, opts.max_tokens))))
+            generic, (checks.EXPANDED,), lambda: checks.expanded_item(generic, mxfp4, ex, run.options.max_tokens))))
 
 
-def _dtype(run: Run) -> str:
-    return "bfloat16" if run.cuda else run.options.cpu_dtype
-
-
-def _reference_cpu(run: Run, ckpt: Path, generic: str) -> checks.Timed | None:
+def _reference_cpu(run: Run, ckpt: Path, generic: str) -> Answer | None:
     executor, error, seconds = load_executor(reference_settings(ckpt, "cpu", run.options.cpu_dtype))
     dtype = str(getattr(executor, "dtype", run.options.cpu_dtype)).removeprefix("torch.")
     run.add(load_item(REFERENCE, REF_LOAD_CPU, executor, error, seconds, dtype=dtype))
     if executor is None:
         run.add(skipped(REFERENCE, REF_GREEDY_CPU, "the CPU reference executor did not load"))
+        if not run.cuda:
+            run.add(*checks.skip_all(generic, checks.SERVING_ITEMS, "the CPU reference executor did not load"))
         return None
 
-    async def work(ex: Executor) -> checks.Timed:
+    async def work(ex: Executor) -> Answer:
         out = await checks.greedy(ex, run.options.max_tokens)
         run.add(greedy_item(REFERENCE, REF_GREEDY_CPU, out))
         if not run.cuda:  # no GPU: the generic items prove themselves on the CPU executor instead
             run.add(*await checks.generic_items(ex, generic, run.options.max_tokens))
-        return out
+            return Answer(out)
+        return Answer(out, None if out.problem() else teacher_forced_logits(ex, out.tokens))
 
     return use(executor, work)
 
 
-def _reference_cuda(run: Run, ckpt: Path, generic: str, cpu_greedy: checks.Timed | None) -> checks.Timed | None:
+def _reference_cuda(run: Run, ckpt: Path, generic: str, cpu: Answer | None) -> Answer | None:
     executor, error, seconds = load_executor(reference_settings(ckpt, "cuda", "bfloat16"))
     run.add(load_item(REFERENCE, REF_LOAD_CUDA, executor, error, seconds, gpu=run.gpu_name))
     if executor is None:
-        run.add(*checks.skip_all(REFERENCE, CUDA_ITEMS[1:], "the CUDA reference executor did not load"))
+        reason = "the CUDA reference executor did not load"
+        run.add(*checks.skip_all(REFERENCE, CUDA_ITEMS[1:], reason))
+        run.add(*checks.skip_all(generic, checks.SERVING_ITEMS, reason))
         return None
 
-    async def work(ex: Executor) -> checks.Timed:
+    async def work(ex: Executor) -> Answer:
         await checks.warm_up(ex)
         out = await checks.greedy(ex, run.options.max_tokens)
-        run.add(_agreement_item(out, cpu_greedy), _decode_item(out))
+        run.add(_agreement_item(out, cpu), _logits_item(ex, cpu), _decode_item(out))
         run.add(*await checks.generic_items(ex, generic, run.options.max_tokens))
-        return out
+        return Answer(out)
 
     return use(executor, work)
 
 
-def _agreement_item(cuda: checks.Timed, cpu: checks.Timed | None) -> Item:
-    if cpu is None or cpu.problem() is not None:
+def teacher_forced_logits(executor: Any, tokens: tuple[int, ...]) -> Any:
+    """The reference model's logits for each of `tokens` after the greedy prompt, computed in one forward pass on
+    prompt + tokens (so every position sees the same inputs on every device), as float32 on the CPU."""
+    import torch
+
+    prompt = checks.make_prompts(checks.GREEDY_SALT).prompts[0]
+    ids = torch.tensor([[*prompt, *tokens]], dtype=torch.long, device=executor.device)
+    with torch.inference_mode():
+        logits = executor.model(input_ids=ids, logits_to_keep=len(tokens) + 1).logits[0, :-1]
+    return logits.float().cpu()
+
+
+def logit_figures(cpu: Any, other: Any) -> dict[str, Any]:
+    """How far `other` logits are from `cpu` ones (same positions): the largest difference, relative to the spread of
+    the CPU logits, and at how many positions the top token is the same."""
+    diff = float((cpu - other).abs().max())
+    spread = float(cpu.std())
+    same_top = int((cpu.argmax(-1) == other.argmax(-1)).sum())
+    return {"max_abs_diff": round(diff, 5), "cpu_logit_std": round(spread, 5),
+            "relative": round(diff / spread, 5) if spread else None, "same_top_token": same_top,
+            "positions": int(cpu.shape[0]), "tolerance": LOGIT_TOLERANCE}
+
+
+def _logits_item(executor: Executor, cpu: Answer | None) -> Item:
+    if cpu is None or cpu.logits is None:
+        return skipped(REFERENCE, REF_LOGITS, "no CPU greedy answer to compare with")
+    figures = logit_figures(cpu.logits, teacher_forced_logits(executor, cpu.greedy.tokens))
+    ok = figures["relative"] is not None and figures["relative"] <= LOGIT_TOLERANCE
+    return Item(REFERENCE, REF_LOGITS, verdict(ok), f"max |diff| {figures['max_abs_diff']:.4g} = "
+                f"{figures['relative']:.3g} of the logits' std; same top token at {figures['same_top_token']} of "
+                f"{figures['positions']} positions", data=figures)
+
+
+def _agreement_item(cuda: checks.Timed, cpu: Answer | None) -> Item:
+    if cpu is None or cpu.greedy.problem() is not None:
         return skipped(REFERENCE, REF_AGREE, "no CPU greedy answer to compare with")
     trouble = cuda.problem()
     if trouble is not None:
         return failed(REFERENCE, REF_AGREE, trouble)
-    agreement = compare_tokens(cpu.tokens, cuda.tokens)
+    agreement = compare_tokens(cpu.greedy.tokens, cuda.tokens)
     return Item(REFERENCE, REF_AGREE, verdict(agreement.acceptable), f"bf16 on both: {agreement.describe()}",
-                data={**agreement.to_dict(), "cpu_tokens": list(cpu.tokens), "cuda_tokens": list(cuda.tokens)})
+                data={**agreement.to_dict(), "cpu_tokens": list(cpu.greedy.tokens), "cuda_tokens": list(cuda.tokens)})
 
 
 def _decode_item(out: checks.Timed) -> Item:
     item = greedy_item(REFERENCE, REF_DECODE, out)
     item.data.pop("tokens", None)
     return item
-

@@ -83,6 +83,9 @@ def load_executor(settings: EngineSettings, log_path: Path | None = None) -> tup
         else:
             with probe.captured_output(log_path):
                 executor = create_executor(settings)
+    except ModuleNotFoundError as exc:  # a bare GPU machine lacks the project's own dependencies
+        return None, f"{type(exc).__name__}: {exc} (carry it as a wheel: docs/gpu-selftest.md)", \
+            time.perf_counter() - started
     except Exception as exc:
         return None, f"{type(exc).__name__}: {exc}", time.perf_counter() - started
     return executor, "", time.perf_counter() - started
