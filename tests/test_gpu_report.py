@@ -210,6 +210,23 @@ def test_expanded_item_agrees_with_mxfp4_on_the_reference_executor(tmp_path):
     assert item.status == PASSED and item.data["identical"], item.detail
 
 
+def test_forced_agreement_tells_rounding_from_a_fault():
+    """Fed its own greedy tokens, an executor picks each next one again; fed another prompt's, it mostly does not."""
+    async def go():
+        executor = create_executor(smoke_settings(cached_checkpoint("smoke", tokenizer=False)))
+        try:
+            own = await checks.greedy(executor, MAX_TOKENS)
+            other = await checks.greedy(executor, MAX_TOKENS, salt=checks.SEED_SALT)
+            return (await checks.forced_agreement(executor, own.tokens),
+                    await checks.compare_greedy(executor, other, own))
+        finally:
+            await executor.close()
+
+    same, (ok, detail, data) = asyncio.run(go())
+    assert same == MAX_TOKENS
+    assert not ok and data["forced_same"] < checks.MIN_FORCED_AGREEMENT * MAX_TOKENS, detail
+
+
 def test_teacher_forced_logits_pick_the_greedy_tokens():
     """The logits the CUDA comparison uses sit at the positions that chose each greedy token."""
     async def go():
@@ -224,9 +241,9 @@ def test_teacher_forced_logits_pick_the_greedy_tokens():
     assert logits.shape[0] == MAX_TOKENS
     assert tuple(logits.argmax(-1).tolist()) == out.tokens
     same = reference_checks.logit_figures(logits, logits.clone())
-    assert (same["max_abs_diff"], same["same_top_token"]) == (0.0, MAX_TOKENS)
-    garbled = reference_checks.logit_figures(logits, logits.flip(0))
-    assert garbled["relative"] > reference_checks.LOGIT_TOLERANCE
+    assert (same["median_relative_rms"], same["same_top_token"]) == (0.0, MAX_TOKENS)
+    garbled = reference_checks.logit_figures(logits, logits.roll(1, 0))  # each position scored with another's logits
+    assert garbled["median_relative_rms"] > reference_checks.LOGIT_TOLERANCE
 
 
 # -- pieces ---------------------------------------------------------------------------------------------------------
@@ -234,9 +251,7 @@ def test_teacher_forced_logits_pick_the_greedy_tokens():
 def test_compare_tokens_finds_the_first_divergence():
     assert compare_tokens((1, 2, 3), (1, 2, 3)).identical
     late = compare_tokens((1, 2, 3, 4, 5, 6), (1, 2, 3, 4, 9, 9))
-    assert (late.first_divergence, late.agreeing, late.acceptable) == (4, 4, True)
-    early = compare_tokens((1, 2, 3, 4), (1, 7, 3, 4))
-    assert (early.first_divergence, early.acceptable) == (1, False)
+    assert (late.identical, late.first_divergence, late.agreeing, late.length) == (False, 4, 4, 6)
     assert compare_tokens((1, 2), (1, 2, 3)).first_divergence == 2
 
 
