@@ -19,6 +19,7 @@ stages that would not fit rather than overrunning.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -82,8 +83,16 @@ def build_report(run: Run, started_at: str) -> dict[str, Any]:
 
 
 def format_summary(report: dict[str, Any]) -> str:
-    rows = [(f"{i['section']} / {i['name']}", i["status"].upper() if i["status"] == FAILED else i["status"],
-             i["detail"]) for i in report["items"]]
+    """One row per item, except that a section whose items were all skipped for one reason takes one row."""
+    rows: list[tuple[str, str, str]] = []
+    for section, group in itertools.groupby(report["items"], key=lambda i: i["section"]):
+        items = list(group)
+        reasons = {i["detail"] for i in items if i["status"] == SKIPPED}
+        if len(items) > 1 and len(reasons) == 1 and all(i["status"] == SKIPPED for i in items):
+            rows.append((f"{section} / {len(items)} items", SKIPPED, reasons.pop()))
+            continue
+        rows += [(f"{section} / {i['name']}", i["status"].upper() if i["status"] == FAILED else i["status"],
+                  i["detail"]) for i in items]
     width = max((len(r[0]) for r in rows), default=0)
     counts = report["counts"]
     lines = [f"GPU report: {report['status'].upper()} in {report['seconds']:.1f} s ({counts[PASSED]} passed, "

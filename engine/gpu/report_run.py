@@ -61,6 +61,9 @@ class Run:
 
     def add(self, *items: Item) -> None:
         self.items.extend(items)
+        if len(items) > 1 and len({(i.section, i.status, i.detail) for i in items}) == 1:  # a section skipped whole
+            self.progress.say(f"  {items[0].section} / {len(items)} items: {items[0].status.upper()} {items[0].detail}")
+            return
         for item in items:
             self.progress.say(f"  {item.section} / {item.name}: {item.status.upper()} {item.detail}")
 
