@@ -11,6 +11,7 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from conftest import REPO, cached_checkpoint
@@ -296,6 +297,16 @@ def test_captured_output_keeps_what_this_process_and_its_children_print(tmp_path
     assert "blocks per window" in text and "worker: Attention window size 4096" in text
     echoed = capfd.readouterr()
     assert "blocks per window" in echoed.out and "Attention window size 4096" in echoed.out
+
+
+def test_a_checkpoint_the_disk_cannot_hold_is_refused_before_writing(tmp_path, monkeypatch):
+    from engine.gpu import report_checkpoints
+
+    monkeypatch.setattr(report_checkpoints.shutil, "disk_usage", lambda _: SimpleNamespace(free=10**9))
+    cfg = parse_config(preset_dict("gpt-oss-20b", layers=2))
+    with pytest.raises(OSError, match=r"1\.0 GB free, the checkpoint needs about 3\.4 GB"):
+        report_checkpoints._needs_space(tmp_path, cfg)
+    assert not any(tmp_path.iterdir())
 
 
 def test_bad_arguments_are_refused(capsys):

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from classification.errors import ApplianceError
-from engine.checkpoint.config import load_config
+from engine.checkpoint.config import ModelConfig, load_config, parse_config, preset_dict
+from engine.checkpoint.inventory import expected_tensors
 from engine.gpu import engine_checks as checks
 from engine.gpu.report_items import failed, passed
 from engine.gpu.report_run import Options, Run
@@ -47,6 +48,15 @@ def _cached(directory: Path, stem: str, key: str, make: Callable[[Path], object]
     return final, False
 
 
+def _needs_space(directory: Path, cfg: ModelConfig) -> None:
+    """Refuse, before writing a byte, a checkpoint of `cfg` that the disk cannot hold (with a 5% margin)."""
+    needed = sum(spec.nbytes for spec in expected_tensors(cfg)) * 1.05
+    free = shutil.disk_usage(directory).free
+    if free < needed:
+        raise OSError(f"not enough disk space in {directory}: {free / 1e9:.1f} GB free, the checkpoint needs about "
+                      f"{needed / 1e9:.1f} GB (--cache-dir chooses another place)")
+
+
 def synthesize_checkpoint(run: Run) -> Path | None:
     from engine.checkpoint.synth import synthesize
 
@@ -73,6 +83,7 @@ def synthesize_checkpoint(run: Run) -> Path | None:
 def _synthesize_with_tokenizer(synthesize: Callable[..., Any], opts: Options, out: Path) -> None:
     """With tokenizer files where the vocabulary can be built here; a bare GPU machine may lack the packages
     (openai_harmony, quicktok), and no executor in this report needs a tokenizer."""
+    _needs_space(out.parent, parse_config(preset_dict(opts.preset, layers=opts.layers)))
     try:
         synthesize(opts.preset, out, layers=opts.layers, tokenizer=True)
     except (ImportError, ApplianceError):  # no harmony package, or no vocabulary source (VocabularyError)
@@ -90,7 +101,7 @@ def expanded_checkpoint(run: Run, src: Path, section: str) -> Path | None:
     key = _source_key(_SYNTH_SOURCES + _EXPAND_SOURCES)
     try:
         with run.progress.stage("expand experts to BF16"):
-            path, reused = _cached(src.parent, stem, key, lambda out: expand_checkpoint(src, out))
+            path, reused = _cached(src.parent, stem, key, lambda out: _expand(expand_checkpoint, src, out))
     except Exception as exc:
         run.add(failed(section, checks.EXPANDED, f"expansion failed: {type(exc).__name__}: {exc}"))
         return None
@@ -98,3 +109,10 @@ def expanded_checkpoint(run: Run, src: Path, section: str) -> Path | None:
                      f"{time.perf_counter() - started:.1f} s: {path}")
     return path
 
+
+
+def _expand(expand_checkpoint: Callable[[Path, Path], Any], src: Path, out: Path) -> None:
+    raw = load_config(src).to_dict()
+    raw.pop("quantization_config", None)
+    _needs_space(out.parent, parse_config(raw))
+    expand_checkpoint(src, out)
