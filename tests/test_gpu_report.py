@@ -123,6 +123,17 @@ def test_a_broken_expansion_fails_the_run(tmp_path, monkeypatch):
     assert report["failures"] == [f"reference/cpu / {checks.EXPANDED}"]
 
 
+def test_a_section_that_crashes_fails_the_run_but_the_report_is_written(smoke_run, cache_dir, monkeypatch):
+    def crash(run, ckpt):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(gpu_report, "reference_section", crash)
+    rc, report = run_main(cache_dir, "--engines", "none")
+    assert rc == 1
+    assert report["failures"] == ["reference / section"]
+    assert items_of(report, "reference")["section"]["detail"] == "the section stopped: RuntimeError: boom"
+
+
 def test_the_shell_script_runs_the_report(smoke_run, cache_dir, tmp_path):
     out = tmp_path / "report.json"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

@@ -11,6 +11,7 @@ random weights, so text would mean nothing, and ids need no tokenizer package on
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 import uuid
@@ -118,14 +119,19 @@ async def timed_run(executor: Executor, req: GenerationRequest,
 
 
 async def greedy(executor: Executor, max_tokens: int, salt: int = GREEDY_SALT) -> Timed:
-    """The greedy answer every comparison uses: the first prompt of `salt`, its prefix marked, no stop tokens."""
-    return await timed_run(executor, request(make_prompts(salt), max_tokens))
+    """The greedy answer every comparison uses: the first prompt of `salt`, its prefix marked, no stop tokens. A
+    refusal or crash is an answer with an error, which the items that use it report."""
+    try:
+        return await timed_run(executor, request(make_prompts(salt), max_tokens))
+    except Exception as exc:
+        return Timed((), None, None, 0.0, "error", f"{type(exc).__name__}: {exc}")
 
 
 async def warm_up(executor: Executor) -> None:
     """A throwaway first request: it pays for lazy start-up work (CUDA kernels, cuBLAS handles, sampler state), so
     "cold" in the items after it means a cold prefix only."""
-    await timed_run(executor, request(make_prompts(WARMUP_SALT), WARMUP_TOKENS, prefix=False))
+    with contextlib.suppress(Exception):  # whatever fails here fails again, and is reported, in the items after
+        await timed_run(executor, request(make_prompts(WARMUP_SALT), WARMUP_TOKENS, prefix=False))
 
 
 async def timed_items(section: str, names: Sequence[str], check: Callable[[], Awaitable[Item | list[Item]]]

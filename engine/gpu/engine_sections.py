@@ -64,7 +64,8 @@ def _engine_mxfp4(run: Run, engine: str, ckpt: Path, cfg: ModelConfig) -> checks
     info = executor.engine_info() if executor is not None else {}
     run.add(load_item(engine, probe.LOAD, executor, error, seconds, log=str(log_path), engine_info=info))
     if executor is None:
-        run.add(*checks.skip_all(engine, ALL_ENGINE_ITEMS[3:], "the engine did not load"))
+        run.add(*checks.skip_all(engine, (probe.MOE_BACKEND, probe.KV_WINDOWS, *checks.SERVING_ITEMS),
+                                 "the engine did not load"))
         return None
     log_text = log_path.read_text(errors="replace") if log_path.is_file() else ""
     run.add(probe.moe_backend_item(engine, info), probe.kv_windows_item(engine, info, probe.kv_log_lines(log_text)))

@@ -24,6 +24,8 @@ import json
 import os
 import platform
 import sys
+import traceback
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -32,9 +34,9 @@ from engine.checkpoint.config import PRESETS, load_config
 from engine.gpu import engine_checks as checks
 from engine.gpu import engine_probe as probe
 from engine.gpu.engine_sections import ALL_ENGINE_ITEMS, engine_section
-from engine.gpu.reference_checks import reference_section
+from engine.gpu.reference_checks import REFERENCE, reference_section
 from engine.gpu.report_checkpoints import synthesize_checkpoint
-from engine.gpu.report_items import FAILED, PASSED, SKIPPED, STATUSES, Budget, Progress
+from engine.gpu.report_items import FAILED, PASSED, SKIPPED, STATUSES, Budget, Progress, failed
 from engine.gpu.report_run import (
     DEFAULT_BUDGET_SECONDS,
     DEFAULT_LAYERS,
@@ -102,6 +104,16 @@ def format_summary(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def guarded(run: Run, section: str, body: Callable[[], None]) -> None:
+    """Run one section; an exception that escapes its own item checks fails the section instead of the report, so
+    the items gathered so far, and the other sections, still make it into the report."""
+    try:
+        body()
+    except Exception as exc:
+        traceback.print_exc()
+        run.add(failed(section, "section", f"the section stopped: {type(exc).__name__}: {exc}"))
+
+
 def detect_cuda(device: str) -> tuple[bool, str]:
     if device == "cpu":
         return False, ""
@@ -154,11 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     with progress.stage("synthesize checkpoint"):
         ckpt = synthesize_checkpoint(run)
     if ckpt is not None:
-        reference_section(run, ckpt)
+        guarded(run, REFERENCE, lambda: reference_section(run, ckpt))
         cfg = load_config(ckpt)
         for engine in probe.ENGINE_MODULES:
             if engine in options.engines:
-                engine_section(run, engine, ckpt, cfg)
+                guarded(run, engine, lambda engine=engine: engine_section(run, engine, ckpt, cfg))
             else:
                 run.add(*checks.skip_all(engine, ALL_ENGINE_ITEMS, "not asked for (--engines)"))
     report = build_report(run, started_at)

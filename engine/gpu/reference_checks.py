@@ -40,6 +40,7 @@ class Answer:
 
     greedy: checks.Timed
     logits: Any = None  # torch.Tensor [tokens, vocab], float32 on the CPU
+    logits_error: str | None = None  # why `logits` is None, when they were asked for
 
 
 def reference_settings(model_dir: Path, device: str, dtype: str) -> EngineSettings:
@@ -105,7 +106,12 @@ def _reference_cpu(run: Run, ckpt: Path, generic: str) -> Answer | None:
         if not run.cuda:  # no GPU: the generic items prove themselves on the CPU executor instead
             run.add(*await checks.generic_items(ex, generic, run.options.max_tokens))
             return Answer(out)
-        return Answer(out, None if out.problem() else teacher_forced_logits(ex, out.tokens))
+        if out.problem() is not None:
+            return Answer(out)
+        try:
+            return Answer(out, teacher_forced_logits(ex, out.tokens))
+        except Exception as exc:
+            return Answer(out, logits_error=f"CPU logits: {type(exc).__name__}: {exc}")
 
     return use(executor, work)
 
@@ -122,7 +128,8 @@ def _reference_cuda(run: Run, ckpt: Path, generic: str, cpu: Answer | None) -> A
     async def work(ex: Executor) -> Answer:
         await checks.warm_up(ex)
         out = await checks.greedy(ex, run.options.max_tokens)
-        run.add(await _agreement_item(ex, out, cpu), _logits_item(ex, cpu), _decode_item(out))
+        run.add(*await checks.timed_items(REFERENCE, (REF_AGREE,), lambda: _agreement_item(ex, out, cpu)))
+        run.add(*await checks.timed_items(REFERENCE, (REF_LOGITS,), lambda: _logits_item(ex, cpu)), _decode_item(out))
         run.add(*await checks.generic_items(ex, generic, run.options.max_tokens))
         return Answer(out)
 
@@ -153,7 +160,9 @@ def logit_figures(cpu: Any, other: Any) -> dict[str, Any]:
             "tolerance": LOGIT_TOLERANCE}
 
 
-def _logits_item(executor: Executor, cpu: Answer | None) -> Item:
+async def _logits_item(executor: Executor, cpu: Answer | None) -> Item:
+    if cpu is not None and cpu.logits_error is not None:
+        return failed(REFERENCE, REF_LOGITS, cpu.logits_error)
     if cpu is None or cpu.logits is None:
         return skipped(REFERENCE, REF_LOGITS, "no CPU greedy answer to compare with")
     figures = logit_figures(cpu.logits, teacher_forced_logits(executor, cpu.greedy.tokens))
