@@ -25,7 +25,7 @@ from engine.executors.reference import ReferenceExecutor
 from engine.gpu import engine_checks as checks
 from engine.gpu import engine_probe as probe
 from engine.gpu import gpu_report, reference_checks, report_run
-from engine.gpu.report_items import FAILED, PASSED, SKIPPED, STATUSES, compare_tokens
+from engine.gpu.report_items import FAILED, PASSED, SKIPPED, STATUSES, Budget, Progress, compare_tokens
 from engine.settings import EngineSettings
 
 SMOKE_ARGS = ("--preset", "smoke", "--max-tokens", "8", "--device", "cpu")
@@ -143,6 +143,28 @@ def test_the_shell_script_runs_the_report(smoke_run, cache_dir, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "GPU report: PASSED" in done.stdout
     assert json.loads(out.read_text())["status"] == PASSED
+
+
+def test_the_cuda_branch_runs_its_items_when_cuda_is_a_cpu(smoke_run, tmp_path, monkeypatch):
+    """The CUDA stage's code on a machine without CUDA: "cuda" mapped to the CPU, so every item of that branch runs
+    (and, one device being the other, the comparisons must come out identical)."""
+    real = reference_checks.reference_settings
+    monkeypatch.setattr(reference_checks, "reference_settings",
+                        lambda model_dir, device, dtype: real(model_dir, "cpu", "float32"))
+    options = report_run.Options(preset="smoke", cache_dir=tmp_path, max_tokens=MAX_TOKENS, engines=())
+    budget = Budget(300)
+    run = report_run.Run(options, budget, Progress(budget), cuda=True, gpu_name="a CPU standing in")
+    ckpt = Path(items_of(smoke_run[1], "checkpoint")["synthesize"]["data"]["path"])
+    reference_checks.reference_section(run, ckpt)
+    items = {(i.section, i.name): i for i in run.items}
+    for name in reference_checks.CUDA_ITEMS:
+        assert items["reference", name].status == PASSED, items["reference", name]
+    assert items["reference", reference_checks.REF_AGREE].data["identical"]
+    assert items["reference", reference_checks.REF_LOGITS].data["median_relative_rms"] == 0.0
+    for name in checks.GENERIC_ITEMS:
+        expected = SKIPPED if name == checks.REUSED_BLOCKS else PASSED
+        assert items["reference/cuda", name].status == expected, items["reference/cuda", name]
+    assert ("reference/cpu", checks.CACHED_TOKENS) not in items  # with CUDA, the CPU only answers for comparison
 
 
 # -- the executor-generic items on the reference executor ----------------------------------------------------------
