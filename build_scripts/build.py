@@ -1,21 +1,25 @@
 """The `appliance build` pipeline: verified checkpoint in, Triton model repository and build manifest out.
 
-    1. resolve the target; for a GPU, size its profile from config.json (`engine.gpu.profiles.fit`), so an impossible
-       combination fails at once, naming what would fit, before a byte of the weights is read;
+    1. resolve the target and, for a GPU, the engine (`--engine`, else the kind's default: TensorRT-LLM on Hopper,
+       vLLM on A100); size its profile from config.json (`engine.gpu.profiles.fit`), so an impossible combination
+       fails at once, naming what would fit, before a byte of the weights is read. A real TensorRT-LLM build on a
+       host with TensorRT-LLM probes for `triton_kernels` and sizes for the MoE backend that will load; a dry run
+       (or a host without TensorRT-LLM) cannot know the target's packages, so the profile names the preferred
+       backend, sized for the larger layout, and the executor repeats the probe when it loads;
     2. check the checkpoint as serving needs it (weights, MXFP4 scales, tokenizer and generation files); a dry run
        checks what is there, and config.json alone will do;
     3. hash its files; the model fingerprint is the sha256 of that manifest;
-    4. prepare the weights: as shipped, or for a GPU without an FP4 MoE kernel (A100) with the experts expanded from
-       MXFP4 to BF16 into REPO/weights; a dry run prepares nothing;
+    4. prepare the weights: as shipped, or for TensorRT-LLM on a GPU without its FP4 MoE kernel (A100) with the
+       experts expanded from MXFP4 to BF16 into REPO/weights (vLLM serves MXFP4 there); a dry run prepares nothing;
     5. write the repository and `build-manifest.json` into a scratch directory beside REPO, then move it in place,
        so a failed build never leaves a half-written repository behind;
-    6. a GPU build that is not a dry run, on a host with TensorRT-LLM and the GPUs: load the model once (TensorRT-LLM
+    6. a GPU build that is not a dry run, on a host with the engine and the GPUs: load the model once (the engine
        autotunes kernels and captures CUDA graphs as it loads), run a smoke generation and the conformance checks
        (`engine.gpu.selftest`) and record them; anywhere else the manifest records the plan, the exact commands that
        finish the build on the target (build_scripts/plan.py).
 
 A `BuildTarget` is everything that differs between the `--gpu` choices: `cpu` (the transformers reference
-executor) and one per GPU kind in `engine.gpu.profiles` (TensorRT-LLM, sized by the profile).
+executor) and one per GPU kind in `engine.gpu.kinds` (TensorRT-LLM or vLLM, sized by the profile).
 """
 
 from __future__ import annotations
@@ -43,13 +47,23 @@ from build_scripts.manifest import (
     record_selftest,
     save_manifest,
 )
-from build_scripts.plan import Host, build_command_line, detect_host, selftest_command_line, where
+from build_scripts.plan import (
+    Host,
+    build_command_line,
+    detect_host,
+    selftest_command_line,
+    tensorrt_llm_version,
+    where,
+)
 from build_scripts.repository import write_repository
+from build_scripts.vllm_args import unverified_vllm_args
 from classification.errors import ApplianceError
 from engine.checkpoint.config import ModelConfig, load_config
 from engine.checkpoint.errors import CheckpointError
 from engine.checkpoint.validate import check_checkpoint, iter_manifest, load_checkpoint
-from engine.gpu.profiles import DEFAULT_CONTEXT, GPU_ALIASES, GPU_KINDS, GpuKind, Profile, fit
+from engine.executors.moe_backends import triton_kernels_available
+from engine.gpu.kinds import ENGINE_LABELS, GPU_ALIASES, GPU_KINDS, GpuKind
+from engine.gpu.profiles import DEFAULT_CONTEXT, Profile, fit
 from engine.settings import SETTINGS_FILE, EngineSettings
 from engine.triton.contract import MODEL_NAME, MODEL_VERSION
 from engine.triton.runtime import tritonserver_version
@@ -61,7 +75,7 @@ DEFAULT_DTYPE = "bfloat16"
 DEFAULT_MAX_CONCURRENCY = 2
 DEFAULT_PREFIX_CACHE_BYTES = 512 << 20
 VERSIONED_PACKAGES = ("safeguard-appliance", "torch", "transformers", "tritonclient", "nvidia-pytriton",
-                      "tensorrt-llm")
+                      "tensorrt-llm", "vllm")
 WEIGHTS_DIR = "weights"  # under REPO: the BF16-expert copy of the checkpoint that an A100 build serves
 DISK_MARGIN_BYTES = 1 << 30  # free space asked for beyond the expanded weights: side files, filesystem slack
 REFERENCE_OPTIONS = ("dtype", "max_concurrency", "prefix_cache_bytes")  # BuildOptions that only --gpu cpu takes
@@ -79,6 +93,7 @@ class BuildOptions:
     gpus: int | None = None  # GPU targets: GPUs one model instance spans [1]
     context: int = DEFAULT_CONTEXT  # tokens per sequence, prompt plus output
     dry_run: bool = False  # GPU targets: check what is there and write the plan; prepare and load nothing
+    engine: str | None = None  # GPU targets: "trtllm" or "vllm"; None is the GPU kind's default
     # The reference executor's own settings (None: the defaults above); on a GPU the profile sizes TensorRT-LLM.
     dtype: str | None = None
     max_concurrency: int | None = None
@@ -99,12 +114,12 @@ class BuildTarget:
 
 
 def _gpu_target(kind: GpuKind) -> BuildTarget:
-    # KIND_MODEL: one instance on the devices the model picks; TensorRT-LLM spreads it over the profile's GPUs itself.
+    # KIND_MODEL: one instance on the devices the model picks; the engine spreads it over the profile's GPUs itself.
     # KIND_GPU would start one instance, that is one whole copy of the model, per visible GPU.
-    experimental = ", experimental" if kind.experimental else ""
-    return BuildTarget(kind.name, executor="trtllm", device="cuda", instance_kind="KIND_MODEL", gpu=kind,
-                       description=f"TensorRT-LLM on {kind.description} ({kind.expert_precision.upper()} experts"
-                                   f"{experimental})")
+    engine = kind.default_engine
+    return BuildTarget(kind.name, executor=engine, device="cuda", instance_kind="KIND_MODEL", gpu=kind,
+                       description=f"{ENGINE_LABELS[engine]} on {kind.description} by default "
+                                   f"({kind.expert_precision(engine).upper()} experts)")
 
 
 TARGETS = {
@@ -171,15 +186,16 @@ def build(options: BuildOptions) -> BuildResult:
     config = profile = None
     if target.gpu is not None:  # sizing needs config.json only: an impossible combination fails before the weights
         config = load_config(model_dir)
-        profile = fit(config, target.gpu, options.gpus or 1, options.context)
+        # Only a host with TensorRT-LLM is taken for the target whose packages the probe can see.
+        probe = triton_kernels_available() if not options.dry_run and tensorrt_llm_version() else None
+        profile = fit(config, target.gpu, options.gpus or 1, options.context, engine=options.engine,
+                      triton_kernels=probe)
     checked, warnings = _check_checkpoint(model_dir, options.dry_run)
     files = dict(iter_manifest(model_dir))
     fingerprint = manifest_fingerprint(files)
     weights = _weights(model_dir, out, config, profile)
     settings = _engine_settings(target, profile, weights.served, fingerprint, options)
-    unverified = unverified_llm_args(settings.trtllm)
-    if unverified:
-        raise BuildError(f"LLM() arguments not verified against TensorRT-LLM 1.2.x: {', '.join(unverified)}")
+    _check_verified(settings)
     host = detect_host() if profile is not None and not options.dry_run else None
     plan = _plan(target, profile, options, model_dir, out, host)
 
@@ -196,7 +212,7 @@ def build(options: BuildOptions) -> BuildResult:
 
     manifest = _install(out, options.force, fill)
     report = None
-    if host is not None and profile is not None and host.cannot_verify(profile.gpus) is None:
+    if host is not None and profile is not None and host.cannot_verify(profile.gpus, profile.engine) is None:
         from engine.gpu.selftest import run_selftest
 
         report = run_selftest(settings)
@@ -225,14 +241,25 @@ def _install(out: Path, force: bool, fill: Callable[[Path], dict[str, Any]]) -> 
 
 def _check_options(target: BuildTarget, options: BuildOptions) -> None:
     if target.gpu is None:
-        if options.gpus is not None or options.dry_run:
-            raise BuildError("--gpus and --dry-run apply to GPU targets; a CPU build runs one reference executor "
-                             "and is quick enough to simply run")
+        if options.gpus is not None or options.dry_run or options.engine is not None:
+            raise BuildError("--gpus, --engine and --dry-run apply to GPU targets; a CPU build runs one reference "
+                             "executor and is quick enough to simply run")
         return
     given = [f"--{name.replace('_', '-')}" for name in REFERENCE_OPTIONS if getattr(options, name) is not None]
     if given:
         raise BuildError(f"{', '.join(given)}: only for --gpu cpu (the reference executor); on {target.name} the "
-                         f"GPU profile sizes TensorRT-LLM (see `appliance profiles`)")
+                         f"GPU profile sizes the engine (see `appliance profiles`)")
+
+
+def _check_verified(settings: EngineSettings) -> None:
+    """Refuse any engine argument whose name was not checked in the engine's source: a wrong name would surface
+    only when the model loads on the target."""
+    unverified = unverified_llm_args(settings.trtllm)
+    if unverified:
+        raise BuildError(f"LLM() arguments not verified against TensorRT-LLM 1.2.x: {', '.join(unverified)}")
+    unverified = unverified_vllm_args(settings.vllm)
+    if unverified:
+        raise BuildError(f"vLLM engine arguments not verified against vLLM's source: {', '.join(unverified)}")
 
 
 def _check_out(out: Path, force: bool) -> None:
@@ -265,8 +292,9 @@ def _check_checkpoint(model_dir: Path, dry_run: bool) -> tuple[str, list[str]]:
 
 
 def _weights(model_dir: Path, out: Path, config: ModelConfig | None, profile: Profile | None) -> Weights:
-    """A GPU without an FP4 MoE kernel gets the experts in BF16: expanded once by the build, not on every load."""
-    if config is None or profile is None or profile.gpu.fp4_experts or not config.is_mxfp4:
+    """An engine without an FP4 MoE kernel for the GPU gets the experts in BF16: expanded once by the build, not on
+    every load."""
+    if config is None or profile is None or profile.precision == "mxfp4" or not config.is_mxfp4:
         return Weights(model_dir, model_dir)
     return Weights(model_dir, out / WEIGHTS_DIR, profile.weight_bytes)  # the profile's weights are the BF16 ones
 
@@ -311,22 +339,25 @@ def _engine_settings(target: BuildTarget, profile: Profile | None, model_dir: Pa
             max_context=options.context,
             prefix_cache_bytes=(DEFAULT_PREFIX_CACHE_BYTES if options.prefix_cache_bytes is None
                                 else options.prefix_cache_bytes))
-    # TensorRT-LLM keeps prefixes in its own KV pool, which the profile sizes: no separate prefix store.
-    return EngineSettings(executor=target.executor, model_dir=str(model_dir), model_fingerprint=fingerprint,
+    # Both engines keep prefixes in their own KV pool, which the profile sizes: no separate prefix store.
+    args = profile.engine_args()
+    return EngineSettings(executor=profile.engine, model_dir=str(model_dir), model_fingerprint=fingerprint,
                           device=target.device, max_concurrency=profile.max_batch_size, max_context=profile.context,
-                          prefix_cache_bytes=0, trtllm=profile.llm_kwargs())
+                          prefix_cache_bytes=0, trtllm=args if profile.engine == "trtllm" else {},
+                          vllm=args if profile.engine == "vllm" else {})
 
 
 def _plan(target: BuildTarget, profile: Profile | None, options: BuildOptions, model_dir: Path, out: Path,
           host: Host | None) -> Plan:
     if profile is None:
         return Plan(BUILT, "CPU build: nothing is left to run elsewhere")
-    on_target = where(target.name, profile.gpus)
+    on_target = where(target.name, profile.gpus, profile.engine)
     if options.dry_run:
         return Plan(DRY_RUN, "weights not prepared, model not loaded",
-                    (build_command_line(target.name, profile.gpus, profile.context, model_dir, out),), on_target)
+                    (build_command_line(target.name, profile.gpus, profile.context, model_dir, out, profile.engine),),
+                    on_target)
     assert host is not None  # detected for every GPU build that is not a dry run
-    reason = host.cannot_verify(profile.gpus)
+    reason = host.cannot_verify(profile.gpus, profile.engine)
     detail = f"not loaded here: {reason}" if reason else "loading the model on this host"
     return Plan(PLANNED, detail, (selftest_command_line(out),), on_target)
 
@@ -347,7 +378,8 @@ def _manifest(*, target: BuildTarget, profile: Profile | None, plan: Plan, setti
         "remaining_where": plan.where,
         "profile": profile.id if profile else target.name,
         "target": {"gpu": target.name, "gpus": profile.gpus if profile else None, "context": context,
-                   "executor": target.executor, "instance_kind": target.instance_kind},
+                   "executor": settings.executor, "instance_kind": target.instance_kind},
+        "engine": _engine_record(profile),
         "model": {"name": MODEL_NAME, "version": MODEL_VERSION, "fingerprint": fingerprint},
         "inputs": {
             "checkpoint": {"path": str(model_dir), "manifest_sha256": fingerprint, "files": files},
@@ -363,6 +395,14 @@ def _manifest(*, target: BuildTarget, profile: Profile | None, plan: Plan, setti
     if profile is not None:
         manifest["sizing"] = profile.to_dict()
     return manifest
+
+
+def _engine_record(profile: Profile | None) -> dict[str, Any] | None:
+    """Which engine serves the profile and why, and the MoE backend it names and why."""
+    if profile is None:
+        return None
+    return {"name": profile.engine, "label": ENGINE_LABELS[profile.engine], "why": profile.engine_why,
+            "moe_backend": profile.moe.backend, "moe_reason": profile.moe.reason}
 
 
 def _package_version(name: str) -> str | None:

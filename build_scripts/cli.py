@@ -17,7 +17,8 @@ from build_scripts.build import (
     BuildResult,
 )
 from build_scripts.manifest import FAILED
-from engine.gpu.profiles import DEFAULT_CONTEXT, GPU_ALIASES, Profile
+from engine.gpu.kinds import ENGINE_LABELS, ENGINES, GPU_ALIASES
+from engine.gpu.profiles import DEFAULT_CONTEXT, Profile
 
 
 def _gb(n: int) -> str:
@@ -25,12 +26,14 @@ def _gb(n: int) -> str:
 
 
 def _profile_lines(profile: Profile) -> list[str]:
-    lines = [f"profile {profile.id}: {profile.gpus} × {profile.gpu.name}, context {profile.context:,}: "
+    lines = [f"engine: {profile.gpu.name}: {ENGINE_LABELS[profile.engine]} ({profile.engine_why})",
+             f"profile {profile.id}: {profile.gpus} × {profile.gpu.name}, context {profile.context:,}: "
              f"{_gb(profile.weight_bytes_per_gpu)} weights + {_gb(profile.reserve.total)} reserve + "
              f"{_gb(profile.kv_budget_bytes_per_gpu)} KV cache per GPU; {profile.sequences:,} sequences, "
-             f"max batch {profile.max_batch_size}"]
-    if profile.gpu.experimental:
-        lines.append(f"experimental: {profile.gpu.experimental}")
+             f"max batch {profile.max_batch_size}",
+             f"moe backend: {profile.moe.reason}"]
+    if profile.experimental:
+        lines.append(f"experimental: {profile.experimental}")
     return lines
 
 
@@ -74,6 +77,9 @@ def summary(result: BuildResult) -> list[str]:
 @click.option("--gpu", "target", type=click.Choice(TARGET_NAMES, case_sensitive=False), required=True,
               help="Target hardware: " + "; ".join(f"{t.name}: {t.description}" for t in TARGETS.values())
               + "; " + ", ".join(f"{alias} = {name}" for alias, name in GPU_ALIASES.items()) + ".")
+@click.option("--engine", type=click.Choice(ENGINES), default=None,
+              help="GPU targets: the serving engine, trtllm (TensorRT-LLM) or vllm [default: the GPU kind's: "
+                   "trtllm on h100/h200, vllm on a100; trtllm on a100 is experimental].")
 @click.option("--gpus", type=click.IntRange(1, 8), default=None,
               help="GPU targets: GPUs one model instance spans, tensor and expert parallel over all of them "
                    "[default: 1].")
@@ -94,18 +100,18 @@ def summary(result: BuildResult) -> list[str]:
 @click.option("--prefix-cache-bytes", type=click.IntRange(min=0), default=None,
               help=f"--gpu cpu: memory budget of the policy prefix KV cache [default: {DEFAULT_PREFIX_CACHE_BYTES}].")
 @click.option("--force", is_flag=True, help="Replace an earlier build in --out.")
-def build_command(target: str, gpus: int | None, context: int, model_dir: Path, out: Path, dry_run: bool,
-                  dtype: str | None, max_concurrency: int | None, prefix_cache_bytes: int | None,
+def build_command(target: str, engine: str | None, gpus: int | None, context: int, model_dir: Path, out: Path,
+                  dry_run: bool, dtype: str | None, max_concurrency: int | None, prefix_cache_bytes: int | None,
                   force: bool) -> None:
     """Verify a checkpoint and write a Triton model repository and build manifest for the target.
 
-    On a host with TensorRT-LLM and the GPUs, a GPU build then loads the model once, runs a smoke generation and
+    On a host with the engine and the GPUs, a GPU build then loads the model once, runs a smoke generation and
     the conformance checks, and records them; elsewhere it prints the commands that finish the job on the target.
     """
     from build_scripts.build import build
 
     result = build(BuildOptions(model_dir=model_dir, out=out, target=target, gpus=gpus, context=context,
-                                dry_run=dry_run, dtype=dtype, max_concurrency=max_concurrency,
+                                dry_run=dry_run, engine=engine, dtype=dtype, max_concurrency=max_concurrency,
                                 prefix_cache_bytes=prefix_cache_bytes, force=force))
     click.echo("\n".join(summary(result)))
     if result.manifest["status"] == FAILED:

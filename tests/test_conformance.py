@@ -1,20 +1,32 @@
-"""The executor conformance suite (the same suite `appliance selftest` runs on GPUs) on the reference executor, and
-on the canned executor, which the front end's tests stand on."""
+"""The executor conformance suite (the same suite `appliance selftest` runs on GPUs) on the reference executor, on
+the canned executor, which the front end's tests stand on, and on the vLLM executor driving the FAKE `vllm` in
+tests/fake_vllm (which proves the executor's plumbing, not vLLM; see docs/vllm.md)."""
 
 import asyncio
+import contextlib
+import json
+import sys
+from pathlib import Path
 
 import pytest
 from conftest import POLICIES, cached_checkpoint
 
 from classification.policy import load_policy
 from classification.vocab import load_harmony_encoding
+from engine.checkpoint.config import preset_dict
 from engine.executors.canned import SAFE_ANALYSIS, SAFE_FINAL, Script, canned_options, harmony_completion
 from engine.executors.conformance import CHECKS, SuiteConfig, harmony_config, run_suite
 from engine.executors.factory import create_executor
 from engine.settings import EngineSettings
 
+FAKE_VLLM = Path(__file__).parent / "fake_vllm"
 
-def engine_settings(executor: str) -> EngineSettings:
+
+def engine_settings(executor: str, scratch: Path) -> EngineSettings:
+    if executor == "vllm":
+        (scratch / "config.json").write_text(json.dumps(preset_dict("smoke")))
+        return EngineSettings(executor="vllm", model_dir=str(scratch), model_fingerprint="test",
+                              vllm={"block_size": 16, "max_num_seqs": 4})
     if executor == "reference":
         model_dir = cached_checkpoint("smoke", tokenizer=False)
         return EngineSettings(executor="reference", model_dir=str(model_dir), model_fingerprint="test",
@@ -27,11 +39,27 @@ def engine_settings(executor: str) -> EngineSettings:
                           canned=canned_options([Script((), completion, chunk=1)]))
 
 
-@pytest.fixture(scope="module", params=["reference", "canned"])
-def suite_run(request):
-    settings = engine_settings(request.param)
+@contextlib.contextmanager
+def fake_vllm_importable(executor: str):
+    """The FAKE vllm on sys.path for the vllm case only, and every vllm module gone afterwards."""
+    if executor != "vllm":
+        yield
+        return
+    sys.path.insert(0, str(FAKE_VLLM))
+    try:
+        yield
+    finally:
+        sys.path.remove(str(FAKE_VLLM))
+        for name in [name for name in sys.modules if name.split(".")[0] == "vllm"]:
+            del sys.modules[name]
+
+
+@pytest.fixture(scope="module", params=["reference", "canned", "vllm"])
+def suite_run(request, tmp_path_factory):
+    settings = engine_settings(request.param, tmp_path_factory.mktemp(request.param))
+    # vLLM, like TensorRT-LLM, reuses KV in whole blocks: a warm request reports the prefix rounded to blocks.
     config = harmony_config(load_harmony_encoding(), load_policy(POLICIES / "spam-scams.md").body,
-                            exact_prefix_cache=True)
+                            exact_prefix_cache=request.param != "vllm")
 
     async def go():
         executor = create_executor(settings)
@@ -40,7 +68,8 @@ def suite_run(request):
         finally:
             await executor.close()
 
-    return asyncio.run(go())
+    with fake_vllm_importable(request.param):
+        return asyncio.run(go())
 
 
 def test_every_check_ran(suite_run):

@@ -132,7 +132,8 @@ def test_a_planned_gpu_repository_is_verified_by_the_selftest(smoke: Path, tmp_p
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert lines[0].startswith(f"selftest of {smoke} (trtllm executor, cuda): PASSED in ")
-    assert lines[-2].startswith("  profile h200x1-tp1-ep1-mxfp4 predicted per GPU: 0.1 GB weights + 2.4 GB reserve + ")
+    assert lines[-2].startswith("  profile h200x1-tp1-ep1-mxfp4-trtllm predicted per GPU: 0.1 GB weights + "
+                                "2.4 GB reserve + ")
     recorded = manifest(out)
     assert (recorded["status"], recorded["remaining"]) == ("verified", [])
     assert recorded["selftest"]["memory"]["after_load"]["cuda_devices"] == []  # none here; one per GPU on the host

@@ -99,7 +99,8 @@ async def collect(executor: TrtllmExecutor, req: GenerationRequest) -> list[Gene
 
 
 def test_importing_the_serving_modules_does_not_import_tensorrt_llm():
-    code = ("import sys, engine.executors.base, engine.settings, engine.triton.model, engine.executors.trtllm\n"
+    code = ("import sys, engine.executors.base, engine.settings, engine.triton.model, engine.executors.trtllm, "
+            "engine.executors.vllm, engine.executors.factory\n"
             "loaded = [m for m in sys.modules if m.split('.')[0] == 'tensorrt_llm']\n"
             "assert not loaded, loaded\n")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=120)

@@ -104,12 +104,14 @@ class ModelFigures:
     tensor_count: int
     mxfp4_tensor_count: int  # quantized weights (each is a blocks + scales pair)
     kv_bytes_per_token_full: int  # grows with context: all full-attention layers together
-    kv_bytes_per_token_sliding: int  # per token, but only the last `sliding_window` tokens are kept
-    kv_bytes_sliding_cap: int  # the most the sliding layers hold for one sequence
+    kv_bytes_per_token_sliding: int  # per token, but only the last `sliding_window` tokens are attended to
+    kv_bytes_sliding_cap: int  # the most the sliding layers attend to for one sequence
     sliding_window: int
 
     def kv_bytes_for_sequence(self, tokens: int) -> int:
-        """KV bytes one sequence of `tokens` tokens occupies (BF16 cache)."""
+        """KV bytes one sequence of `tokens` tokens needs at the least (BF16 cache): what the model attends to.
+        Engines allocate more (TensorRT-LLM 1.2 as the profiles configure it keeps the whole context in every
+        layer, vLLM a scheduling step beyond the window): capacity comes from `engine.gpu.kv_sizing`."""
         sliding = min(tokens, self.sliding_window) * self.kv_bytes_per_token_sliding
         return tokens * self.kv_bytes_per_token_full + sliding
 

@@ -5,10 +5,11 @@ it on a GPU host against the executor a built repository names. The checks only 
 compare an executor with itself (same request twice, cached against uncached, alone against concurrent), so they
 hold for any backend and need no reference outputs.
 
-Executors differ in one documented way: TensorRT-LLM reuses KV cache in whole blocks, so a warm request may report
-fewer cached tokens than its prefix (the prefix rounded down to a block). The reference executor caches the exact
-prefix. `cached_tokens` must therefore be 0 cold and, warm, positive and at most the prefix length; an executor
-that declares `exact_prefix_cache` must report exactly the prefix length.
+Executors differ in one documented way: TensorRT-LLM and vLLM reuse KV cache in whole blocks of the prompt, so a
+warm repeat of a prompt may report fewer cached tokens than its prefix (the prefix rounded down to a block) or more (a
+repeated prompt matches beyond its prefix), but never the whole prompt: its last token is always computed, for the
+logits. The reference executor caches the exact prefix. `cached_tokens` must therefore be 0 cold and, warm, positive
+and below the prompt's length; an executor that declares `exact_prefix_cache` must report exactly the prefix length.
 """
 
 from __future__ import annotations
@@ -127,8 +128,9 @@ async def cached_tokens_reported(suite: Suite) -> str:
         _expect(warm.cached_tokens == cfg.prefix_len,
                 f"warm request reported {warm.cached_tokens} cached tokens, expected {cfg.prefix_len}")
     else:
-        _expect(warm.cached_tokens is not None and 0 < warm.cached_tokens <= cfg.prefix_len,
-                f"warm request reported {warm.cached_tokens} cached tokens for a {cfg.prefix_len}-token prefix")
+        _expect(warm.cached_tokens is not None and 0 < warm.cached_tokens < len(cold_prompt),
+                f"warm request reported {warm.cached_tokens} cached tokens for a {len(cold_prompt)}-token prompt "
+                f"(expected more than 0, and fewer than the prompt: its last token is always computed)")
     return f"cold 0, warm {warm.cached_tokens} of {cfg.prefix_len}"
 
 

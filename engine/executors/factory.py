@@ -2,7 +2,7 @@
 
 Both the Triton model (`engine.triton.model`) and `appliance selftest` (`engine.gpu.selftest`) start executors here, so
 a selftest exercises exactly what Triton would load. Each executor module is imported only when chosen: TensorRT-LLM
-exists only in the GPU image, and torch/transformers are not needed to serve with it.
+and vLLM exist only in their GPU images, and torch/transformers are not needed to serve with them.
 """
 
 from __future__ import annotations
@@ -21,6 +21,10 @@ def create_executor(settings: EngineSettings) -> Executor:
         from engine.executors.canned import CannedExecutor
 
         return CannedExecutor(settings)
+    if settings.executor == "vllm":
+        from engine.executors.vllm import VllmExecutor
+
+        return VllmExecutor(settings)
     from engine.executors.trtllm import TrtllmExecutor
 
     return TrtllmExecutor(settings)

@@ -1,0 +1,1 @@
+"""FAKE for unit tests; not vLLM."""
