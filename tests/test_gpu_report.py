@@ -5,6 +5,7 @@ skipped here, each with its reason; on a GPU host the same code runs them (docs/
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import os
 import subprocess
@@ -17,14 +18,14 @@ import pytest
 from conftest import REPO, cached_checkpoint
 
 from engine.checkpoint import mxfp4
-from engine.checkpoint.config import parse_config, preset_dict
+from engine.checkpoint.config import load_config, parse_config, preset_dict
 from engine.checkpoint.expand import expand_checkpoint
 from engine.executors.base import GenerationRequest, RequestError
 from engine.executors.factory import create_executor
 from engine.executors.reference import ReferenceExecutor
 from engine.gpu import engine_checks as checks
 from engine.gpu import engine_probe as probe
-from engine.gpu import gpu_report, reference_checks, report_run
+from engine.gpu import engine_sections, gpu_report, reference_checks, report_run
 from engine.gpu.report_items import FAILED, PASSED, SKIPPED, STATUSES, Budget, Progress, compare_tokens
 from engine.settings import EngineSettings
 
@@ -165,6 +166,40 @@ def test_the_cuda_branch_runs_its_items_when_cuda_is_a_cpu(smoke_run, tmp_path, 
         expected = SKIPPED if name == checks.REUSED_BLOCKS else PASSED
         assert items["reference/cuda", name].status == expected, items["reference/cuda", name]
     assert ("reference/cpu", checks.CACHED_TOKENS) not in items  # with CUDA, the CPU only answers for comparison
+
+
+FAKE_VLLM = Path(__file__).parent / "fake_vllm"
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    """tests/fake_vllm importable for one test (as in tests/test_vllm_executor.py), removed afterwards."""
+    assert not [m for m in sys.modules if m.split(".")[0] == "vllm"], "a vllm module is already imported"
+    monkeypatch.syspath_prepend(str(FAKE_VLLM))
+    yield
+    for name in [m for m in sys.modules if m.split(".")[0] == "vllm"]:
+        del sys.modules[name]
+
+
+def test_the_engine_section_runs_every_item_on_the_fake_vllm(smoke_run, tmp_path, fake_vllm):
+    """The engine section, end to end through the vLLM executor, on the FAKE vLLM (a deterministic model with
+    block-granular prefix caching and seeds): what a GPU host with vLLM runs, CUDA claimed but not used."""
+    options = report_run.Options(preset="smoke", cache_dir=tmp_path, max_tokens=MAX_TOKENS, engines=("vllm",))
+    budget = Budget(300)
+    run = report_run.Run(options, budget, Progress(budget), cuda=True, gpu_name="NVIDIA H200")
+    ckpt = Path(items_of(smoke_run[1], "checkpoint")["synthesize"]["data"]["path"])
+    engine_sections.engine_section(run, "vllm", ckpt, load_config(ckpt))
+    items = {i.name: i for i in run.items if i.section == "vllm"}
+    assert list(items) == list(gpu_report.ALL_ENGINE_ITEMS)
+    assert "FAKE" in importlib.import_module("vllm").__doc__
+    for name in (probe.VERSION, probe.TRITON_KERNELS, probe.LOAD, probe.KV_WINDOWS, *checks.GENERIC_ITEMS):
+        if name != checks.REUSED_BLOCKS:  # the vLLM executor reports no kv_blocks_reused
+            assert items[name].status == PASSED, items[name]
+    assert items[probe.LOAD].data["engine_info"]["engine"] == "vllm"
+    assert items[probe.KV_WINDOWS].data["key"] == "num_gpu_blocks"
+    cached = items[checks.CACHED_TOKENS].data
+    assert cached["cold"] == 0 and 0 < cached["warm"] <= checks.PREFIX_TOKENS
+    assert (tmp_path / "vllm-startup.log").is_file()
 
 
 # -- the executor-generic items on the reference executor ----------------------------------------------------------

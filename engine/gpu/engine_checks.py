@@ -166,8 +166,8 @@ async def prefix_cache_items(executor: Executor, section: str, max_tokens: int) 
                   f"{plen}-token prefix", data={"cold": cold.cached_tokens, "warm": warm.cached_tokens,
                                                 "prefix_len": plen})]
     if "kv_blocks_reused" not in after_warm:
-        items.append(skipped(section, REUSED_BLOCKS, "not available: this executor's stats() has no kv_blocks_reused "
-                                                     "(it keeps no KV blocks)"))
+        items.append(skipped(section, REUSED_BLOCKS, "not available: this executor's stats() has no "
+                                                     "kv_blocks_reused"))
     else:
         reused = after_warm["kv_blocks_reused"] - before_warm.get("kv_blocks_reused", 0)
         items.append(Item(section, REUSED_BLOCKS, verdict(reused > 0), f"{reused:g} KV blocks reused by the warm "

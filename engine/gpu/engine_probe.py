@@ -84,34 +84,28 @@ def triton_kernels_item(engine: str) -> Item:
 
 
 def report_settings(engine: str, model_dir: Path, cfg: ModelConfig, gpu_name: str) -> EngineSettings:
-    """Engine settings for the report's checkpoint: a one-GPU profile's, cut down to the tiny model's needs."""
-    common = dict(executor=engine, model_dir=str(model_dir), model_fingerprint=f"gpu-report-{model_dir.name}",
-                  max_concurrency=REPORT_BATCH, max_context=REPORT_CONTEXT)
-    if engine == "trtllm":
-        return EngineSettings(**common, trtllm=trtllm_kwargs(cfg, gpu_name))
-    return EngineSettings(**common, vllm=vllm_kwargs())
-
-
-def trtllm_kwargs(cfg: ModelConfig, gpu_name: str) -> dict[str, Any]:
-    """The h100/h200 profile's LLM() keywords for `cfg`, with batch, context and CUDA graphs cut to the report's
-    needs (the build writes the full profile; the report only needs a few sequences)."""
+    """Engine settings for the report's checkpoint: the one-GPU profile's engine arguments, cut to the tiny model's
+    needs (the build writes the full profile; the report runs a few short sequences)."""
     from engine.gpu.profiles import fit
 
     kind = "h200" if "H200" in gpu_name.upper() else "h100"
-    kwargs = fit(cfg, kind, 1, REPORT_CONTEXT).llm_kwargs()
+    # The MoE backend a build on this host would write: TRITON only where `triton_kernels` is installed.
+    args = fit(cfg, kind, 1, REPORT_CONTEXT, engine=engine, triton_kernels=triton_kernels_available()).engine_args()
+    common = dict(executor=engine, model_dir=str(model_dir), model_fingerprint=f"gpu-report-{model_dir.name}",
+                  max_concurrency=REPORT_BATCH, max_context=REPORT_CONTEXT)
+    if engine == "trtllm":
+        return EngineSettings(**common, trtllm=_cut_trtllm(args))
+    args.update(max_model_len=REPORT_CONTEXT, max_num_seqs=REPORT_BATCH, max_num_batched_tokens=REPORT_CONTEXT,
+                gpu_memory_utilization=REPORT_GPU_MEMORY_FRACTION)
+    return EngineSettings(**common, vllm=args)
+
+
+def _cut_trtllm(kwargs: dict[str, Any]) -> dict[str, Any]:
     kwargs.update(max_batch_size=REPORT_BATCH, max_num_tokens=REPORT_CONTEXT, max_seq_len=REPORT_CONTEXT,
                   enable_chunked_prefill=False)
     kwargs["cuda_graph_config"] = {"batch_sizes": [1, 2, 4, REPORT_BATCH], "enable_padding": True}
     kwargs["kv_cache_config"] = {**kwargs["kv_cache_config"], "free_gpu_memory_fraction": REPORT_GPU_MEMORY_FRACTION}
     return kwargs
-
-
-def vllm_kwargs() -> dict[str, Any]:
-    """The keys a profile writes for vLLM (CONTRACTS: exactly these), sized for the report."""
-    return {"tensor_parallel_size": 1, "enable_expert_parallel": False, "max_model_len": REPORT_CONTEXT,
-            "max_num_seqs": REPORT_BATCH, "max_num_batched_tokens": REPORT_CONTEXT,
-            "gpu_memory_utilization": REPORT_GPU_MEMORY_FRACTION, "enable_prefix_caching": True,
-            "kv_cache_dtype": "auto", "block_size": 16}
 
 
 def _find(info: Mapping[str, Any], *words: str) -> tuple[str, Any] | None:
@@ -136,7 +130,7 @@ def moe_backend_item(engine: str, info: Mapping[str, Any]) -> Item:
 
 def kv_windows_item(engine: str, info: Mapping[str, Any], log_lines: list[str]) -> Item:
     """Best effort: what engine_info() says about KV blocks per window, else the start-up log's lines about them."""
-    found = _find(info, "window") or _find(info, "block")
+    found = _find(info, "window") or _find(info, "blocks")  # "num_gpu_blocks", not "block_size"
     if found is not None:
         key, value = found
         return passed(engine, KV_WINDOWS, f"{key} = {value}", key=key, value=value, log_lines=log_lines)
