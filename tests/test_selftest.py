@@ -159,7 +159,8 @@ def test_a_planned_gpu_repository_is_verified_by_the_selftest(smoke: Path, tmp_p
     [engine_line] = [line for line in lines if line.startswith("  engine:")]
     assert engine_line == ("  engine: tensorrt_llm 1.2.1; MoE backend CUTLASS (CUTLASS: the profile prefers TRITON, "
                            "but `triton_kernels` is not installed)")
-    assert lines[-2].startswith("  profile h200x1-tp1-ep1-mxfp4-trtllm predicted per GPU: 0.1 GB weights + 2.4 GB reserve + ")
+    assert lines[-2].startswith("  profile h200x1-tp1-ep1-mxfp4-trtllm predicted per GPU: 0.1 GB weights + "
+                                "2.4 GB reserve + ")
     recorded = manifest(out)
     assert (recorded["status"], recorded["remaining"]) == ("verified", [])
     assert recorded["selftest"]["memory"]["after_load"]["cuda_devices"] == []  # none here; one per GPU on the host
