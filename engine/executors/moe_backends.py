@@ -4,7 +4,9 @@ TensorRT-LLM's `TRITON` MoE backend (the fastest for MXFP4 experts on Hopper) ne
 package, which TensorRT-LLM's gpt-oss guide says is not packaged in its wheel; without it, building the model raises
 `ImportError("Triton kernels are not available.")` (`fused_moe_triton.py`). `CUTLASS` is listed for Hopper BF16
 activations with MXFP4 weights and needs nothing extra, so it is the fallback. The probe only looks the package up
-(`importlib.util.find_spec`): importing it would initialise CUDA.
+(`importlib.util.find_spec`): importing it would initialise CUDA. Releases that vendor `triton_kernels` put it beside
+the `tensorrt_llm` package in site-packages (`_setup_vendored_triton_kernels` adds the package's parent directory to
+`sys.path`), where the same lookup finds it.
 """
 
 from __future__ import annotations
