@@ -145,3 +145,37 @@ def test_publishing_runs_on_the_thread_and_a_failure_is_logged(fails: bool) -> N
     assert bool(errors) == fails
     if fails:
         assert errors[0] == "safeguard: publishing executor figures: OSError('metrics endpoint gone')"
+
+
+def test_forget_waits_for_an_ask_in_progress_and_no_ask_follows_it() -> None:
+    """The model forgets a stream just before its final response: from then on its sender is never asked."""
+    asking, release = threading.Event(), threading.Event()
+    forgotten = threading.Event()
+    asked_after_forget: list[bool] = []
+
+    class SlowSender:
+        def is_cancelled(self) -> bool:
+            asked_after_forget.append(forgotten.is_set())
+            asking.set()
+            release.wait(TIMEOUT_S)  # a round trip to the Triton process, held open
+            return False
+
+    watcher = Recorder().watcher()
+    watcher.watch("slow#0", SlowSender())
+    poller = threading.Thread(target=watcher.poll)
+    poller.start()
+    assert asking.wait(TIMEOUT_S)
+
+    def forget() -> None:
+        watcher.forget("slow#0")
+        forgotten.set()
+
+    forgetter = threading.Thread(target=forget)
+    forgetter.start()
+    assert not forgotten.wait(0.1), "forget returned while the sender was still being asked"
+    release.set()
+    assert forgotten.wait(TIMEOUT_S)
+    poller.join(TIMEOUT_S)
+    forgetter.join(TIMEOUT_S)
+    watcher.poll()
+    assert asked_after_forget == [False] and watcher.open_streams() == 0

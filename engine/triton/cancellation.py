@@ -44,7 +44,9 @@ class CancellationWatcher:
             self._senders[request_id] = sender
 
     def forget(self, request_id: str) -> None:
-        """The stream has ended: stop polling its sender."""
+        """Stop polling this request's sender. Call it before the final response is sent: once it returns, no
+        `is_cancelled()` on that sender is running or will start. A completed sender must not be asked: with the ask
+        racing the final response, tritonserver 2.51 went down mid-run in tests/test_bounds.py."""
         with self._lock:
             self._senders.pop(request_id, None)
             self._cancelled.discard(request_id)
@@ -61,16 +63,17 @@ class CancellationWatcher:
         return not self._thread.is_alive()
 
     def poll(self) -> None:
-        """One pass over the requests being answered (the thread runs this every `poll_s`)."""
+        """One pass over the requests being answered (the thread runs this every `poll_s`). Each sender is asked
+        under the lock, so `forget` cannot return while its sender is being asked."""
         with self._lock:
-            senders = list(self._senders.items())
-            cancelled = set(self._cancelled)
-        for request_id, sender in senders:
+            request_ids = list(self._senders)
+        for request_id in request_ids:
             try:
-                if request_id not in cancelled and not sender.is_cancelled():
-                    continue
                 with self._lock:
-                    if request_id not in self._senders:  # ended meanwhile
+                    sender = self._senders.get(request_id)
+                    if sender is None:  # ended meanwhile
+                        continue
+                    if request_id not in self._cancelled and not sender.is_cancelled():
                         continue
                     self._cancelled.add(request_id)
                 self._cancel(request_id)

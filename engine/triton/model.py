@@ -241,6 +241,8 @@ class TritonPythonModel:
                     return f"generation failed: {chunk.error}"
                 if chunk.cached_tokens is not None:
                     stream.cached_tokens = chunk.cached_tokens
+                if chunk.final:  # no is_cancelled() on a sender once its final response is on the way
+                    self._cancellations.forget(stream.request.request_id)
                 _send(stream.sender, response_arrays(chunk, stream.cached_tokens), final=chunk.final)
                 if chunk.final:
                     if chunk.finish_reason == "cancelled":
