@@ -5,7 +5,6 @@ tests/fake_vllm (which proves the executor's plumbing, not vLLM; see docs/vllm.m
 import asyncio
 import contextlib
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from engine.executors.canned import SAFE_ANALYSIS, SAFE_FINAL, Script, canned_op
 from engine.executors.conformance import CHECKS, SuiteConfig, harmony_config, run_suite
 from engine.executors.factory import create_executor
 from engine.settings import EngineSettings
+from tests.fake_packages import importable_fake
 
 FAKE_VLLM = Path(__file__).parent / "fake_vllm"
 
@@ -39,19 +39,9 @@ def engine_settings(executor: str, scratch: Path) -> EngineSettings:
                           canned=canned_options([Script((), completion, chunk=1)]))
 
 
-@contextlib.contextmanager
-def fake_vllm_importable(executor: str):
-    """The FAKE vllm on sys.path for the vllm case only, and every vllm module gone afterwards."""
-    if executor != "vllm":
-        yield
-        return
-    sys.path.insert(0, str(FAKE_VLLM))
-    try:
-        yield
-    finally:
-        sys.path.remove(str(FAKE_VLLM))
-        for name in [name for name in sys.modules if name.split(".")[0] == "vllm"]:
-            del sys.modules[name]
+def fake_vllm_importable(executor: str) -> contextlib.AbstractContextManager:
+    """The FAKE vllm importable for the vllm case only."""
+    return importable_fake(FAKE_VLLM, "vllm") if executor == "vllm" else contextlib.nullcontext()
 
 
 @pytest.fixture(scope="module", params=["reference", "canned", "vllm"])

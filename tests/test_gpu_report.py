@@ -28,6 +28,7 @@ from engine.gpu import engine_probe as probe
 from engine.gpu import engine_sections, gpu_report, reference_checks, report_run
 from engine.gpu.report_items import FAILED, PASSED, SKIPPED, STATUSES, Budget, Progress, compare_tokens
 from engine.settings import EngineSettings
+from tests.fake_packages import importable_fake
 
 SMOKE_ARGS = ("--preset", "smoke", "--max-tokens", "8", "--device", "cpu")
 MAX_TOKENS = 8
@@ -172,13 +173,10 @@ FAKE_VLLM = Path(__file__).parent / "fake_vllm"
 
 
 @pytest.fixture
-def fake_vllm(monkeypatch):
+def fake_vllm():
     """tests/fake_vllm importable for one test (as in tests/test_vllm_executor.py), removed afterwards."""
-    assert not [m for m in sys.modules if m.split(".")[0] == "vllm"], "a vllm module is already imported"
-    monkeypatch.syspath_prepend(str(FAKE_VLLM))
-    yield
-    for name in [m for m in sys.modules if m.split(".")[0] == "vllm"]:
-        del sys.modules[name]
+    with importable_fake(FAKE_VLLM, "vllm"):
+        yield
 
 
 def test_the_engine_section_runs_every_item_on_the_fake_vllm(smoke_run, tmp_path, fake_vllm):

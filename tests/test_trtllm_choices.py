@@ -36,8 +36,8 @@ from tests.trtllm_fake import (
 
 
 @pytest.fixture
-def fake(monkeypatch) -> Iterator[ModuleType]:
-    yield from load_fake(monkeypatch)
+def fake() -> Iterator[ModuleType]:
+    yield from load_fake()
 
 
 @pytest.fixture

@@ -29,6 +29,7 @@ from engine.executors.base import GenerationChunk, RequestError, SamplingParams
 from engine.executors.trtllm import TrtllmExecutor, finish_reason
 from engine.settings import EngineSettings, SettingsError
 from tests.conftest import REPO
+from tests.engine_refusals import REFUSED_BEFORE_STREAMING
 from tests.trtllm_fake import (
     CALL,
     FAKE_DIR,
@@ -49,8 +50,8 @@ from tests.trtllm_fake import (
 
 
 @pytest.fixture
-def fake(monkeypatch) -> Iterator[ModuleType]:
-    yield from load_fake(monkeypatch)
+def fake() -> Iterator[ModuleType]:
+    yield from load_fake()
 
 
 @pytest.fixture
@@ -363,17 +364,7 @@ def test_a_refusal_by_the_llm_apis_own_checks_ends_with_error(fake, executor):
     assert executor.stats()["finished_error"] == 1
 
 
-@pytest.mark.parametrize(("changes", "message"), [
-    ({"input_ids": ()}, "empty"),
-    ({"input_ids": (201088,)}, "outside the vocabulary"),
-    ({"max_tokens": -1}, "max_tokens"),
-    ({"max_tokens": 8192}, "context limit"),
-    ({"prefix_len": 101}, "prefix_len"),
-    ({"prefix_priority": 101}, "prefix_priority"),
-    ({"sampling": SamplingParams(temperature=float("nan"))}, "finite"),
-    ({"sampling": SamplingParams(seed=2**64)}, "seed"),
-    ({"input_ids": (1,) * 8192, "max_tokens": 0, "prefix_len": 0}, "one free position"),
-])
+@pytest.mark.parametrize(("changes", "message"), REFUSED_BEFORE_STREAMING)
 def test_invalid_requests_are_refused_before_streaming(executor, changes, message):
     with pytest.raises(RequestError, match=message):
         executor.generate(request(**changes))

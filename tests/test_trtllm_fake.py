@@ -17,8 +17,8 @@ from tests.trtllm_fake import load_fake
 
 
 @pytest.fixture
-def fake(monkeypatch) -> Iterator[ModuleType]:
-    yield from load_fake(monkeypatch)
+def fake() -> Iterator[ModuleType]:
+    yield from load_fake()
 
 
 def _fake_llm(fake, **kwargs):

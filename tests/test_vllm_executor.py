@@ -13,13 +13,13 @@ vLLM's AsyncLLM belongs to the event loop that first streams from it, so each te
 from __future__ import annotations
 
 import asyncio
-import importlib
 import json
 import re
 import subprocess
 import sys
 import threading
 import tomllib
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
@@ -32,6 +32,8 @@ from engine.executors.base import GenerationChunk, GenerationRequest, RequestErr
 from engine.executors.vllm import VllmExecutor, finish_reason
 from engine.settings import EngineSettings, SettingsError
 from tests.conftest import REPO
+from tests.engine_refusals import REFUSED_BEFORE_STREAMING
+from tests.fake_packages import importable_fake, loaded
 
 FAKE_DIR = Path(__file__).parent / "fake_vllm"
 RETURN = 200002
@@ -43,18 +45,13 @@ PROFILE = {"tensor_parallel_size": 1, "enable_expert_parallel": False, "max_mode
 
 
 def _loaded_vllm() -> list[str]:
-    return [name for name in sys.modules if name.split(".")[0] == "vllm"]
+    return loaded("vllm")
 
 
 @pytest.fixture
-def fake(monkeypatch) -> ModuleType:
-    assert not _loaded_vllm(), "some other test left a vllm module imported"
-    monkeypatch.syspath_prepend(str(FAKE_DIR))
-    vllm = importlib.import_module("vllm")
-    assert "FAKE" in vllm.__doc__
-    yield vllm
-    for name in _loaded_vllm():
-        del sys.modules[name]
+def fake() -> Iterator[ModuleType]:
+    with importable_fake(FAKE_DIR, "vllm") as vllm:
+        yield vllm
 
 
 @pytest.fixture
@@ -381,17 +378,7 @@ def test_a_request_vllm_refuses_arrives_from_the_stream_and_the_executor_lives_o
     assert executor.stats()["finished_error"] == 1
 
 
-@pytest.mark.parametrize(("changes", "message"), [
-    ({"input_ids": ()}, "empty"),
-    ({"input_ids": (201088,)}, "outside the vocabulary"),
-    ({"max_tokens": -1}, "max_tokens"),
-    ({"max_tokens": 8192}, "context limit"),
-    ({"prefix_len": 101}, "prefix_len"),
-    ({"prefix_priority": 101}, "prefix_priority"),
-    ({"sampling": SamplingParams(temperature=float("nan"))}, "finite"),
-    ({"sampling": SamplingParams(seed=2**64)}, "seed"),
-    ({"input_ids": (1,) * 8192, "max_tokens": 0, "prefix_len": 0}, "one free position"),
-])
+@pytest.mark.parametrize(("changes", "message"), REFUSED_BEFORE_STREAMING)
 def test_invalid_requests_are_refused_before_streaming(executor, changes, message):
     with pytest.raises(RequestError, match=message):
         executor.generate(request(**changes))

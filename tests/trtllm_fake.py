@@ -6,9 +6,7 @@ test_trtllm_executor.py checks that.
 
 from __future__ import annotations
 
-import importlib
 import json
-import sys
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -20,6 +18,7 @@ from engine.checkpoint.config import preset_dict
 from engine.executors.base import GenerationChunk, GenerationRequest
 from engine.executors.trtllm import TrtllmExecutor
 from engine.settings import EngineSettings
+from tests.fake_packages import importable_fake, loaded
 
 FAKE_DIR = Path(__file__).parent / "fake_tensorrt_llm"
 # A stand-in `triton_kernels` package, put on sys.path only where a test wants it importable.
@@ -42,19 +41,13 @@ PROFILE = {
 
 
 def loaded_tensorrt_llm() -> list[str]:
-    return [name for name in sys.modules if name.split(".")[0] == "tensorrt_llm"]
+    return loaded("tensorrt_llm")
 
 
-def load_fake(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
-    """For a fixture: the fake `tensorrt_llm.llmapi`, importable for one test; every `tensorrt_llm` module is
-    removed afterwards, so no other test can import it, nor the real package, by accident."""
-    assert not loaded_tensorrt_llm(), "some other test left a tensorrt_llm module imported"
-    monkeypatch.syspath_prepend(str(FAKE_DIR))
-    llmapi = importlib.import_module("tensorrt_llm.llmapi")
-    assert "FAKE" in llmapi.__doc__
-    yield llmapi
-    for name in loaded_tensorrt_llm():
-        del sys.modules[name]
+def load_fake() -> Iterator[ModuleType]:
+    """For a fixture: the fake `tensorrt_llm.llmapi`, importable for one test (tests/fake_packages.py)."""
+    with importable_fake(FAKE_DIR, "tensorrt_llm", "tensorrt_llm.llmapi") as llmapi:
+        yield llmapi
 
 
 def with_triton_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
